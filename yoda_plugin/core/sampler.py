@@ -42,7 +42,6 @@ class YODAConfig:
     lower_bound: float = 0.4
     lr_noise: str = 'marginal'
     mask_network_input: bool = True
-    loss_normalization: str = 'all'
 
     def __post_init__(self):
         if not isinstance(self.enabled, bool):
@@ -52,8 +51,6 @@ class YODAConfig:
             raise ValueError(f'yoda.lr_noise must be one of {LR_NOISE_MODES}, got {self.lr_noise!r}')
         if not isinstance(self.mask_network_input, bool):
             raise ValueError(f'yoda.mask_network_input must be true or false, got {self.mask_network_input!r}')
-        if self.loss_normalization not in ('all', 'masked'):
-            raise ValueError(f"yoda.loss_normalization must be 'all' or 'masked', got {self.loss_normalization!r}")
 
     @classmethod
     def from_options(cls, opt: Optional[dict], where: str = 'yoda') -> 'YODAConfig':

@@ -1,0 +1,485 @@
+"""Precomputed attention maps in a BasicSR-layout LMDB.
+
+Layout (as BasicSR's ``create_lmdb``)::
+
+    name.lmdb/
+    ├── data.mdb, lock.mdb      LMDB environment
+    ├── meta_info.txt           "{key}.png ({h},{w},1) {compress_level}" per key, sorted by key
+    ├── yoda_attention.json     {"format": "yoda-attention-v1", "encoding": "png16",
+    │                            "source": <AttentionSource.config()>, ...extra fields}
+    └── yoda_writer.lock        flock'ed while a writer is open
+
+Keys are the image keys (file name without extension, as BasicSR uses); a
+value is the map ``A`` in [0, 1] encoded as a 16-bit grayscale PNG of
+``round(A * 65535)`` (max round-trip error 0.5 / 65535). Keys must be
+non-empty, contain no whitespace (meta_info.txt is space separated) and fit
+LMDB's key size; BasicSR's own LMDB client only finds ASCII keys.
+
+Only the ``lmdb`` package is used, not basicsr.
+"""
+import fcntl
+import json
+import os
+import tempfile
+from typing import Iterable, List, Tuple
+
+import cv2
+import lmdb
+import numpy as np
+
+FORMAT = 'yoda-attention-v1'
+ENCODING = 'png16'
+META_FILE = 'yoda_attention.json'
+META_INFO_FILE = 'meta_info.txt'
+LOCK_FILE = 'yoda_writer.lock'
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+_MAX_KEY_BYTES = 511  # LMDB's default maximum key size
+
+
+class AttentionLMDBLockedError(RuntimeError):
+    """Another writer holds the attention LMDB folder."""
+
+
+class MissingAttentionKeyError(ValueError, KeyError):
+    """A key is not in the attention LMDB (catchable as ValueError or KeyError)."""
+
+    __str__ = BaseException.__str__
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _canonical(value):
+    """JSON round trip: tuples become lists, numpy scalars plain numbers; raises ValueError if not JSON-able."""
+    def default(obj):
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+        raise TypeError(f'{type(obj).__name__} is not JSON serialisable')
+
+    try:
+        return json.loads(json.dumps(value, default=default, sort_keys=True))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f'attention metadata must be JSON serialisable: {err}') from err
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same folder, fsync and os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def _fmt(value) -> str:
+    return '<missing>' if value is _MISSING else json.dumps(value, sort_keys=True)
+
+
+_MISSING = object()
+
+
+def _diff(expected, found, prefix: str = '', strict: bool = True) -> List[str]:
+    """Human-readable differences between two JSON values, by dotted field name.
+
+    Dicts are compared key by key (recursively). With ``strict=False`` keys that
+    are only in ``found`` are ignored at this level (nested dicts stay strict).
+    """
+    if isinstance(expected, dict) and isinstance(found, dict):
+        out = []
+        keys = set(expected) | (set(found) if strict else set())
+        for k in sorted(keys, key=str):
+            name = f'{prefix}.{k}' if prefix else str(k)
+            out += _diff(expected.get(k, _MISSING), found.get(k, _MISSING), name, True)
+        return out
+    same = expected is not _MISSING and found is not _MISSING and \
+        isinstance(expected, bool) == isinstance(found, bool) and expected == found
+    return [] if same else [f'{prefix or "<root>"}: expected {_fmt(expected)}, found {_fmt(found)}']
+
+
+def validate_key(key) -> bytes:
+    """Return ``key`` encoded (UTF-8); ValueError for empty keys, whitespace or over-long keys."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f'attention LMDB keys must be non-empty strings, got {key!r}')
+    if any(ch.isspace() for ch in key):
+        raise ValueError(f'attention LMDB key {key!r} contains whitespace, which meta_info.txt cannot represent')
+    raw = key.encode('utf-8')
+    if len(raw) > _MAX_KEY_BYTES:
+        raise ValueError(f'attention LMDB key {key[:40]!r}... is longer than {_MAX_KEY_BYTES} bytes')
+    return raw
+
+
+def validate_map(amap, key: str = '?') -> np.ndarray:
+    """Return ``amap`` as float64 (H, W); ValueError naming ``key`` unless 2-D, non-empty, finite, in [0, 1]."""
+    try:
+        arr = np.asarray(amap)
+    except Exception as err:  # ragged lists and the like
+        raise ValueError(f'attention map for key {key!r} is not an array: {err}') from err
+    if arr.ndim != 2:
+        raise ValueError(f'attention map for key {key!r} must be 2-D (H, W), got shape {tuple(arr.shape)}')
+    if arr.size == 0:
+        raise ValueError(f'attention map for key {key!r} is empty: shape {tuple(arr.shape)}')
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f'attention map for key {key!r} must be a real-valued array in [0, 1], got dtype {arr.dtype}')
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f'attention map for key {key!r} contains NaN or Inf values')
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f'attention map for key {key!r} must lie in [0, 1], got min {lo:.6g} and max {hi:.6g}')
+    return arr
+
+
+def encode_attention(amap, key: str = '?', compress_level: int = 1) -> bytes:
+    """Validate and encode a map as 16-bit grayscale PNG bytes of ``round(A * 65535)``."""
+    arr = validate_map(amap, key)
+    u16 = np.round(arr * 65535.0).astype(np.uint16)
+    ok, buf = cv2.imencode('.png', u16, [cv2.IMWRITE_PNG_COMPRESSION, int(compress_level)])
+    if not ok:
+        raise ValueError(f'cannot PNG-encode the attention map for key {key!r} (shape {arr.shape})')
+    return buf.tobytes()
+
+
+def decode_attention(value: bytes, key: str = '?') -> np.ndarray:
+    """Decode a stored value into a float32 (H, W) map in [0, 1].
+
+    16-bit PNGs are divided by 65535 (8-bit grayscale PNGs, by 255). Raises
+    ValueError naming ``key`` for undecodable bytes or a non-single-channel image.
+    """
+    if value is None:
+        raise ValueError(f'no attention value for key {key!r}')
+    try:
+        buf = np.frombuffer(value, dtype=np.uint8)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f'attention value for key {key!r} is not bytes: {err}') from err
+    img = None
+    if buf.size:
+        try:
+            img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        except cv2.error:
+            img = None
+    if img is None:
+        raise ValueError(f'cannot decode the attention map for key {key!r}: not a valid PNG image')
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim != 2:
+        raise ValueError(f'attention map for key {key!r} must be a single-channel image, '
+                         f'got shape {tuple(img.shape)}')
+    if img.dtype == np.uint16:
+        return (img.astype(np.float32) / np.float32(65535.0))
+    if img.dtype == np.uint8:
+        return (img.astype(np.float32) / np.float32(255.0))
+    raise ValueError(f'attention map for key {key!r} has unsupported PNG dtype {img.dtype}')
+
+
+def _png_size(value: bytes) -> Tuple[int, int]:
+    """(h, w) from a PNG's IHDR chunk, without decoding the pixels."""
+    head = bytes(value[:24])
+    if len(head) == 24 and head[:8] == _PNG_SIGNATURE and head[12:16] == b'IHDR':
+        return int.from_bytes(head[20:24], 'big'), int.from_bytes(head[16:20], 'big')
+    return decode_attention(value).shape  # raises ValueError for anything undecodable
+
+
+def make_attention_meta(source, **extra) -> dict:
+    """Metadata for a writer: ``{'source': <config>, **extra}``.
+
+    ``source`` is an AttentionSource (its ``config()`` is used) or a config dict.
+    """
+    config = source.config() if hasattr(source, 'config') else source
+    if not isinstance(config, dict) or 'name' not in config:
+        raise ValueError(f'source must be an AttentionSource or its config dict, got {source!r}')
+    return _canonical({'source': config, **extra})
+
+
+def _full_meta(meta: dict) -> dict:
+    if not isinstance(meta, dict):
+        raise ValueError(f'meta must be a dict, got {type(meta).__name__}')
+    if not isinstance(meta.get('source'), dict):
+        raise ValueError('meta must contain "source": the config dict of the attention source')
+    for field, value in (('format', FORMAT), ('encoding', ENCODING)):
+        if field in meta and meta[field] != value:
+            raise ValueError(f'meta field {field!r} must be {value!r}, got {meta[field]!r}')
+    return _canonical({**meta, 'format': FORMAT, 'encoding': ENCODING})
+
+
+def read_attention_meta(path: str) -> dict:
+    """The metadata dict of an attention LMDB; ValueError naming ``path`` if missing or not our format."""
+    file = os.path.join(path, META_FILE)
+    if not os.path.isfile(file):
+        raise ValueError(f'{path} is not an attention LMDB written by yoda_plugin: {META_FILE} is missing')
+    try:
+        with open(file, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f'cannot read the attention metadata {file}: {err}') from err
+    if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+        found = meta.get('format') if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f'{file} is not in the {FORMAT!r} format (found format {found!r})')
+    if meta.get('encoding') != ENCODING:
+        raise ValueError(f'{file}: unsupported attention encoding {meta.get("encoding")!r} (expected {ENCODING!r})')
+    return meta
+
+
+def check_attention_meta(path: str, expected: dict) -> dict:
+    """Check the metadata of the attention LMDB at ``path`` against ``expected``; return it.
+
+    Every top-level field of ``expected`` must match (fields only in the file,
+    such as ``format``, are not checked); a dict value such as ``source`` must
+    match entirely, so a map made with any other source parameter is refused.
+    Raises ValueError listing every mismatched field as "field: expected X,
+    found Y".
+    """
+    found = read_attention_meta(path)
+    diffs = _diff(_canonical(dict(expected)), found, strict=False)
+    if diffs:
+        raise ValueError(f'attention LMDB {path} was made with another configuration:\n  ' + '\n  '.join(diffs))
+    return found
+
+
+def read_meta_info(path: str) -> List[Tuple[str, Tuple[int, ...], str]]:
+    """Parse a BasicSR ``meta_info.txt`` of the LMDB folder ``path`` into (key, shape, compress_level).
+
+    The key is the file name before its last extension (``a.b.png`` -> ``a.b``).
+    """
+    file = os.path.join(path, META_INFO_FILE)
+    rows = []
+    with open(file, encoding='utf-8') as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split(' ')
+            name = parts[0]
+            key = os.path.splitext(name)[0] or name
+            shape: Tuple[int, ...] = ()
+            if len(parts) > 1:
+                try:
+                    shape = tuple(int(v) for v in parts[1].strip('()').split(',') if v)
+                except ValueError:
+                    raise ValueError(f'{file}:{lineno}: cannot parse the shape in {line!r}') from None
+            rows.append((key, shape, parts[2] if len(parts) > 2 else ''))
+    return rows
+
+
+def read_attention_lmdb(path: str, key: str) -> np.ndarray:
+    """Read and decode one map (for tests and scripts; datasets keep an env open)."""
+    if not os.path.isfile(os.path.join(path, 'data.mdb')):
+        raise ValueError(f'{path} is not an LMDB folder (no data.mdb)')
+    env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, subdir=True)
+    try:
+        with env.begin(write=False) as txn:
+            value = txn.get(validate_key(key))
+            value = None if value is None else bytes(value)
+    finally:
+        env.close()
+    if value is None:
+        raise MissingAttentionKeyError(f'key {key!r} not found in attention LMDB {path}')
+    return decode_attention(value, key)
+
+
+# --------------------------------------------------------------------------- writer
+
+class AttentionLMDBWriter:
+    """Write attention maps into ``path`` (a BasicSR-layout LMDB folder), resumably.
+
+    * ``meta`` is ``{'source': <AttentionSource.config()>, **extra}`` (see
+      :func:`make_attention_meta`); ``format`` and ``encoding`` are added. A new
+      folder gets ``yoda_attention.json`` (atomic write) before any map; an
+      existing one must carry exactly the same metadata, else ValueError listing
+      the differing fields. A folder with an LMDB but no metadata is refused.
+    * Only one writer per folder: an exclusive non-blocking ``flock`` on
+      ``path/yoda_writer.lock`` (also between two writers of one process).
+    * ``put`` commits each map in its own transaction, so readers never see a
+      torn value and an interrupted run keeps every map written so far; ``key in
+      writer`` lets a resumed run skip them. ``lmdb.MapFullError`` doubles the
+      map size and retries.
+    * ``close`` (also on ``with`` exit, even after an error) rewrites
+      ``meta_info.txt`` from all keys in the DB, sorted, atomically. Its
+      compress level column is this writer's ``compress_level`` (BasicSR does
+      not read it).
+    """
+
+    def __init__(self, path: str, meta: dict, map_size: int = 64 * 1024 ** 2, compress_level: int = 1):
+        self.path = os.fspath(path)
+        self.meta = _full_meta(meta)
+        if isinstance(compress_level, bool) or not isinstance(compress_level, (int, np.integer)) or \
+                not 0 <= int(compress_level) <= 9:
+            raise ValueError(f'compress_level must be an integer in 0..9, got {compress_level!r}')
+        self.compress_level = int(compress_level)
+        if isinstance(map_size, bool) or not isinstance(map_size, (int, np.integer)) or int(map_size) < 1:
+            raise ValueError(f'map_size must be a positive integer (bytes), got {map_size!r}')
+        self.env = None
+        self._lock_fd = None
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ValueError(f'{self.path} exists and is not a folder')
+        os.makedirs(self.path, exist_ok=True)
+        self._acquire_lock()
+        try:
+            self._check_or_write_meta()
+            self.env = lmdb.open(self.path, map_size=int(map_size), subdir=True, readahead=False, meminit=False,
+                                 max_dbs=0)
+            self.map_size = int(self.env.info()['map_size'])
+        except BaseException:
+            self._release()
+            raise
+
+    # -- setup
+    def _acquire_lock(self) -> None:
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ''
+            try:
+                holder = os.pread(fd, 64, 0).decode('ascii', 'replace').strip()
+            except OSError:
+                pass
+            os.close(fd)
+            who = f' (pid {holder})' if holder else ''
+            raise AttentionLMDBLockedError(
+                f'another process is writing {self.path}{who}: it holds the lock {LOCK_FILE}; '
+                'wait for it to finish or stop it before writing to this folder') from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'{os.getpid()}\n'.encode('ascii'), 0)
+        self._lock_fd = fd
+
+    def _check_or_write_meta(self) -> None:
+        meta_file = os.path.join(self.path, META_FILE)
+        if os.path.exists(meta_file):
+            found = read_attention_meta(self.path)
+            diffs = _diff(self.meta, found, strict=True)
+            if diffs:
+                raise ValueError(f'cannot resume into {self.path}: its maps were made with another configuration '
+                                 '(write to a new folder or delete this one):\n  ' + '\n  '.join(diffs))
+        elif os.path.exists(os.path.join(self.path, 'data.mdb')):
+            raise ValueError(f'{self.path} already holds an LMDB without {META_FILE}; refusing to write attention '
+                             'maps into an LMDB of unknown content')
+        else:
+            _atomic_write_text(meta_file, json.dumps(self.meta, indent=2, sort_keys=True) + '\n')
+
+    # -- context manager
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    @property
+    def closed(self) -> bool:
+        return self.env is None
+
+    def _require_open(self):
+        if self.env is None:
+            raise RuntimeError(f'attention LMDB writer for {self.path} is closed')
+        return self.env
+
+    # -- access
+    def __contains__(self, key) -> bool:
+        env = self._require_open()
+        try:
+            raw = validate_key(key)
+        except ValueError:
+            return False
+        with env.begin(write=False) as txn:
+            return txn.get(raw) is not None
+
+    def __len__(self) -> int:
+        return int(self._require_open().stat()['entries'])
+
+    def keys(self) -> List[str]:
+        """All keys in the DB, sorted."""
+        env = self._require_open()
+        with env.begin(write=False) as txn:
+            return [bytes(k).decode('utf-8') for k in txn.cursor().iternext(keys=True, values=False)]
+
+    def put(self, key: str, amap) -> None:
+        """Validate, encode and commit one map (ValueError naming ``key`` for an invalid map)."""
+        self._require_open()
+        raw = validate_key(key)
+        value = encode_attention(amap, key, self.compress_level)
+        self.put_encoded(raw, value)
+
+    def put_encoded(self, raw_key: bytes, value: bytes) -> None:
+        """Commit already encoded bytes under ``raw_key`` in one transaction, growing the map when full."""
+        env = self._require_open()
+        for _ in range(64):
+            try:
+                with env.begin(write=True) as txn:
+                    txn.put(raw_key, value)
+                return
+            except lmdb.MapFullError:
+                # The failed transaction was aborted; nothing of it is visible.
+                self.map_size = max(2 * self.map_size, self.map_size + 4 * len(value))
+                env.set_mapsize(self.map_size)
+                self.map_size = int(env.info()['map_size'])
+        raise RuntimeError(f'cannot fit a value of {len(value)} bytes into {self.path} after growing the map')
+
+    # -- finish
+    def _meta_info_lines(self) -> Iterable[str]:
+        env = self._require_open()
+        rows = []
+        with env.begin(write=False) as txn:
+            for k, v in txn.cursor():
+                key = bytes(k).decode('utf-8')
+                h, w = _png_size(v)
+                rows.append((key, h, w))
+        rows.sort()
+        return [f'{key}.png ({h},{w},1) {self.compress_level}\n' for key, h, w in rows]
+
+    def write_meta_info(self) -> None:
+        """Rewrite meta_info.txt from the DB (atomic replace)."""
+        _atomic_write_text(os.path.join(self.path, META_INFO_FILE), ''.join(self._meta_info_lines()))
+
+    def close(self) -> None:
+        if self.env is None:
+            self._release()
+            return
+        try:
+            self.write_meta_info()
+            self.env.sync(True)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self.env is not None:
+            try:
+                self.env.close()
+            finally:
+                self.env = None
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    def __del__(self):
+        try:
+            self._release()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = 'closed' if self.closed else 'open'
+        return f'AttentionLMDBWriter({self.path!r}, {state})'

@@ -1,0 +1,335 @@
+"""SR3 (Saharia et al.) with and without YODA, as a BasicSR model.
+
+Training draws a time step, noises the HR image (Eq. 3, SR3's continuous noise
+level) and regresses the noise with the masked loss (Eq. 10); with YODA the
+network input is M(t) * z_t (Eq. 11) unless ``yoda.mask_network_input`` is
+false. Validation and testing sample with the EMA weights on a respaced grid
+(``diffusion.sample_steps``; the paper: T_train 500, T_eval 200) with the
+masked reverse step (Eq. 12-14).
+"""
+import os
+import time
+from collections import OrderedDict
+from os import path as osp
+
+import torch
+from basicsr.metrics import calculate_metric
+from basicsr.models.sr_model import SRModel
+from basicsr.utils import get_root_logger, imwrite, tensor2img
+from basicsr.utils.dist_util import master_only
+from basicsr.utils.registry import MODEL_REGISTRY
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+from tqdm import tqdm
+
+from yoda_plugin.core import DiffusionSchedule, YODAConfig, pixel_update_ratio, sample_loop, training_inputs
+from yoda_plugin.core.sampler import VARIANCE_TYPES
+from yoda_plugin.core.schedule import make_beta_schedule
+
+DIFFUSION_DEFAULTS = {
+    'schedule': 'linear',
+    'num_timesteps': 500,
+    # SR3's 2000-step linear schedule (1e-6 .. 1e-2) compressed to 500 steps:
+    # the same end point, abar_T = exp(-10), i.e. z_T is pure noise.
+    'linear_start': 4e-6,
+    'linear_end': 4e-2,
+    'cosine_s': 8e-3,
+    'sample_steps': 200,
+    'variance': 'posterior',
+    'clip_denoised': True,
+    'continuous_noise_level': True,
+}
+VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'sample_seed', 'progress', 'tb_images',
+            'save_attention'}
+
+
+def atomic_torch_save(obj, path: str):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a torn checkpoint."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def diffusion_options(opt: dict, where: str = 'diffusion') -> dict:
+    opt = dict(opt or {})
+    unknown = sorted(set(opt) - set(DIFFUSION_DEFAULTS))
+    if unknown:
+        raise ValueError(f'unknown option(s) {[where + "." + k for k in unknown]}; known: {sorted(DIFFUSION_DEFAULTS)}')
+    out = {**DIFFUSION_DEFAULTS, **opt}
+    if out['variance'] not in VARIANCE_TYPES:
+        raise ValueError(f'{where}.variance must be one of {VARIANCE_TYPES}, got {out["variance"]!r}')
+    steps = out['sample_steps']
+    if not isinstance(steps, int) or not 1 <= steps <= out['num_timesteps']:
+        raise ValueError(f'{where}.sample_steps (T_eval) must be an integer in [1, num_timesteps={out["num_timesteps"]}]'
+                         f', got {steps!r}')
+    return out
+
+
+@MODEL_REGISTRY.register()
+class SR3Model(SRModel):
+    """SR3 diffusion SR; YODA on or off via the ``yoda`` option section.
+
+    Extra options on top of BasicSR's SRModel:
+        diffusion: schedule, num_timesteps (T_train), linear_start, linear_end,
+            cosine_s, sample_steps (T_eval), variance (posterior|beta),
+            clip_denoised, continuous_noise_level.
+        yoda: enabled, lower_bound, lr_noise (marginal|posterior),
+            mask_network_input. Absent or ``enabled: false``: vanilla SR3.
+        train.nan_policy: ``raise`` (default) stops on a non-finite loss naming
+            the iteration; ``skip`` drops that step.
+        val.sample_seed: seed of the sampling noise (image i uses seed + i),
+            so validations at different iterations are comparable.
+        val.progress: tqdm bar over sampling steps. val.tb_images: how many
+            validation images go to tensorboard. val.save_attention: also save
+            the attention map next to the SR image.
+    """
+
+    def __init__(self, opt):
+        self.diffusion_opt = diffusion_options(opt.get('diffusion'))
+        self.yoda = YODAConfig.from_options(opt.get('yoda'))
+        d = self.diffusion_opt
+        betas = make_beta_schedule(d['schedule'], d['num_timesteps'], d['linear_start'], d['linear_end'], d['cosine_s'])
+        self.schedule = DiffusionSchedule(betas)
+        self.sample_schedule = self.schedule.respace(d['sample_steps'])
+        unknown_val = sorted(set(opt.get('val') or {}) - VAL_KEYS)
+        if unknown_val:
+            raise ValueError(f'unknown option(s) {["val." + k for k in unknown_val]}; known: {sorted(VAL_KEYS)}')
+        super().__init__(opt)
+        logger = get_root_logger()
+        logger.info(f'Diffusion: train {self.schedule}, sample {self.sample_schedule}; '
+                    f'YODA: {self.yoda.as_dict() if self.yoda.enabled else "off (vanilla SR3)"}')
+
+    # -- devices and optimisers ------------------------------------------------------------------
+    def model_to_device(self, net):
+        """As BasicSR's, but DistributedDataParallel also on CPU (gloo)."""
+        net = net.to(self.device)
+        if self.opt['dist']:
+            find_unused = self.opt.get('find_unused_parameters', False)
+            device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+            net = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
+        elif self.opt['num_gpu'] > 1:
+            net = DataParallel(net)
+        return net
+
+    def get_optimizer(self, optim_type, params, lr, **kwargs):
+        """Any ``torch.optim`` optimizer by name (the paper: AdamW)."""
+        cls = getattr(torch.optim, optim_type, None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise ValueError(f'train.optim_g.type: {optim_type!r} is not a torch.optim optimizer (e.g. AdamW, Adam)')
+        return cls(params, lr, **kwargs)
+
+    # -- data --------------------------------------------------------------------------------------
+    def feed_data(self, data):
+        self.lq = data['lq'].to(self.device)
+        self.lq_up = data['lq_up'].to(self.device) if 'lq_up' in data else torch.nn.functional.interpolate(
+            self.lq, scale_factor=self.opt['scale'], mode='bicubic', align_corners=False).clamp(0, 1)
+        if 'gt' in data:
+            self.gt = data['gt'].to(self.device)
+        self.attention = data['attention'].to(self.device) if 'attention' in data else None
+        if self.yoda.enabled and self.attention is None:
+            raise ValueError('YODA is enabled (yoda.enabled: true) but the dataset returns no attention map: '
+                             'set dataroot_attention in the dataset options')
+
+    # -- training ----------------------------------------------------------------------------------
+    def _denoise(self, net, z_in, noise_level):
+        return net(z_in, self.lq_up * 2 - 1, noise_level)
+
+    def optimize_parameters(self, current_iter):
+        self.optimizer_g.zero_grad(set_to_none=True)
+        x0 = self.gt * 2 - 1
+        inputs = training_inputs(self.schedule, x0, self.attention, self.yoda, None,
+                                 self.diffusion_opt['continuous_noise_level'])
+        eps = self._denoise(self.net_g, inputs['z_in'], inputs['noise_level'])
+        l_pix = self.cri_pix(eps, inputs['noise'], inputs['mask'])
+        if not torch.isfinite(l_pix):
+            policy = self.opt['train'].get('nan_policy', 'raise')
+            msg = f'non-finite training loss ({l_pix.item()}) at iteration {current_iter}'
+            if policy == 'skip':
+                get_root_logger().warning(msg + ': step skipped (train.nan_policy: skip)')
+                self.optimizer_g.zero_grad(set_to_none=True)
+                self.log_dict = OrderedDict(l_pix=float('nan'), skipped=1.0)
+                return
+            raise FloatingPointError(msg + '; weights were not updated. Lower the learning rate or set '
+                                     'train.nan_policy: skip')
+        l_pix.backward()
+        self.optimizer_g.step()
+        loss_dict = OrderedDict(l_pix=l_pix.detach())
+        if inputs['mask'] is not None:
+            loss_dict['mask_ratio'] = inputs['mask'].mean().detach()
+        self.log_dict = self.reduce_loss_dict(loss_dict)
+        if self.ema_decay > 0:
+            self.model_ema(decay=self.ema_decay)
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def _sampling_net(self):
+        net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.get_bare_model(self.net_g)
+        return net
+
+    @torch.no_grad()
+    def sample(self, seed=None, progress=False, callback=None):
+        """Super-resolve the fed batch; returns images in [0, 1]."""
+        net = self._sampling_net()
+        was_training = net.training
+        net.eval()
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(seed))
+        schedule = self.sample_schedule
+
+        def denoise(z_in, k):
+            return self._denoise(net, z_in, schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
+
+        clip = (-1.0, 1.0) if self.diffusion_opt['clip_denoised'] else None
+        z = sample_loop(denoise, schedule, self.lq_up * 2 - 1, self.attention if self.yoda.enabled else None,
+                        self.yoda, generator, clip, self.diffusion_opt['variance'], progress, callback)
+        if was_training:
+            net.train()
+        return ((z + 1) / 2).clamp(0, 1)
+
+    def test(self, seed=None):
+        val_opt = self.opt.get('val') or {}
+        self.output = self.sample(seed=seed, progress=bool(val_opt.get('progress', False)))
+
+    def update_ratio(self):
+        """YODA's share of pixel updates versus full diffusion for the fed batch (1.0 when off)."""
+        if not self.yoda.enabled:
+            return torch.ones(self.lq.shape[0])
+        s = self.sample_schedule
+        return pixel_update_ratio(self.attention, self.yoda.lower_bound, s.timesteps, s.num_train_timesteps).cpu()
+
+    def get_current_visuals(self):
+        out = OrderedDict(lq=self.lq.detach().cpu(), lq_up=self.lq_up.detach().cpu(), result=self.output.detach().cpu())
+        if hasattr(self, 'gt'):
+            out['gt'] = self.gt.detach().cpu()
+        if self.attention is not None:
+            out['attention'] = self.attention.detach().cpu()
+        return out
+
+    # -- validation --------------------------------------------------------------------------------
+    def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        dataset_name = dataloader.dataset.opt['name']
+        val_opt = self.opt['val']
+        metrics_opt = val_opt.get('metrics') or {}
+        with_metrics = bool(metrics_opt)
+        if with_metrics:
+            self._initialize_best_metric_results(dataset_name)
+        sums = {name: 0.0 for name in metrics_opt}
+        ratios, seconds, count, rows = [], 0.0, 0, []
+        seed = val_opt.get('sample_seed', 0)
+        tb_images = int(val_opt.get('tb_images', 2))
+        pbar = tqdm(total=len(dataloader), unit='image') if val_opt.get('pbar', False) else None
+
+        for idx, val_data in enumerate(dataloader):
+            img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
+            self.feed_data(val_data)
+            start = time.perf_counter()
+            self.test(seed=None if seed is None else seed + idx)
+            seconds += time.perf_counter() - start
+            ratios.append(float(self.update_ratio().mean()))
+            visuals = self.get_current_visuals()
+            sr_img = tensor2img([visuals['result']])
+            metric_data = {'img': sr_img}
+            if 'gt' in visuals:
+                metric_data['img2'] = tensor2img([visuals['gt']])
+            if save_img:
+                folder, suffix = self._image_folder(dataset_name, img_name, current_iter)
+                imwrite(sr_img, osp.join(folder, f'{img_name}_{suffix}.png'))
+                if val_opt.get('save_attention') and 'attention' in visuals:
+                    imwrite(tensor2img([visuals['attention']]), osp.join(folder, f'{img_name}_attention.png'))
+            if tb_logger is not None and idx < tb_images:
+                self._log_images(tb_logger, dataset_name, img_name, visuals, current_iter)
+            row = {'image': img_name}
+            for name, opt_ in metrics_opt.items():
+                row[name] = float(calculate_metric(metric_data, opt_))
+                sums[name] += row[name]
+            rows.append({**row, 'update_ratio': ratios[-1], 'seconds': time.perf_counter() - start})
+            count += 1
+            del self.lq, self.lq_up, self.output
+            if hasattr(self, 'gt'):
+                del self.gt
+            if pbar is not None:
+                pbar.update(1)
+                pbar.set_description(f'Test {img_name}')
+        if pbar is not None:
+            pbar.close()
+
+        self.metric_results = {name: total / max(count, 1) for name, total in sums.items()}
+        for name, value in self.metric_results.items():
+            self._update_best_metric_result(dataset_name, name, value, current_iter)
+        self.val_extra = {'update_ratio': sum(ratios) / max(len(ratios), 1), 'sec_per_image': seconds / max(count, 1)}
+        if with_metrics:
+            self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
+        logger = get_root_logger()
+        logger.info(f'Validation {dataset_name}: YODA pixel-update share vs full diffusion '
+                    f'{self.val_extra["update_ratio"]:.4f}; sampling {self.val_extra["sec_per_image"]:.2f} s/image '
+                    f'({self.sample_schedule.num_steps} steps)')
+        if tb_logger is not None:
+            for k, v in self.val_extra.items():
+                tb_logger.add_scalar(f'metrics/{dataset_name}/{k}', v, current_iter)
+        if not self.opt['is_train']:
+            self._write_report(dataset_name, rows)
+
+    @master_only
+    def _write_report(self, dataset_name, rows):
+        """Per-image CSV and a summary JSON beside BasicSR's test log."""
+        import csv
+        import json
+        root = self.opt['path'].get('results_root') or self.opt['path']['log']
+        os.makedirs(root, exist_ok=True)
+        csv_path = osp.join(root, f'metrics_{dataset_name}.csv')
+        with open(csv_path, 'w', newline='', encoding='utf-8') as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ['image'])
+            writer.writeheader()
+            writer.writerows(rows)
+        summary = {'dataset': dataset_name, 'images': len(rows), 'metrics': self.metric_results,
+                   'sample_steps': self.sample_schedule.num_steps, 'yoda': self.yoda.as_dict(), **self.val_extra}
+        with open(osp.join(root, f'summary_{dataset_name}.json'), 'w', encoding='utf-8') as f:
+            json.dump(summary, f, indent=2)
+        get_root_logger().info(f'Wrote {csv_path} and summary_{dataset_name}.json')
+
+    def _image_folder(self, dataset_name, img_name, current_iter):
+        vis = self.opt['path']['visualization']
+        if self.opt['is_train']:
+            return osp.join(vis, img_name), str(current_iter)
+        suffix = (self.opt.get('val') or {}).get('suffix') or self.opt['name']
+        return osp.join(vis, dataset_name), suffix
+
+    @staticmethod
+    def _log_images(tb_logger, dataset_name, img_name, visuals, current_iter):
+        # One strip per image: bicubic-upsampled LR | SR | HR (| attention).
+        tiles = [visuals['lq_up'][0], visuals['result'][0]]
+        if 'gt' in visuals:
+            tiles.append(visuals['gt'][0])
+        if 'attention' in visuals:
+            tiles.append(visuals['attention'][0].expand(3, -1, -1))
+        tb_logger.add_image(f'images/{dataset_name}/{img_name}', torch.cat(tiles, dim=2).clamp(0, 1), current_iter)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    @master_only
+    def save_network(self, net, net_label, current_iter, param_key='params'):
+        """BasicSR's layout (``params`` / ``params_ema``), written atomically."""
+        if current_iter == -1:
+            current_iter = 'latest'
+        nets = net if isinstance(net, list) else [net]
+        keys = param_key if isinstance(param_key, list) else [param_key]
+        save_dict = {}
+        for net_, key in zip(nets, keys):
+            state = self.get_bare_model(net_).state_dict()
+            save_dict[key] = OrderedDict((k[7:] if k.startswith('module.') else k, v.cpu()) for k, v in state.items())
+        atomic_torch_save(save_dict, osp.join(self.opt['path']['models'], f'{net_label}_{current_iter}.pth'))
+
+    @master_only
+    def save_training_state(self, epoch, current_iter):
+        """Optimizers, schedulers and iteration, written atomically (after the weights)."""
+        if current_iter == -1:
+            return
+        state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
+                 'schedulers': [s.state_dict() for s in self.schedulers]}
+        atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+

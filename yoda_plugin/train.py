@@ -1,0 +1,32 @@
+"""Train with BasicSR's own pipeline (Real-ESRGAN convention).
+
+    python yoda_plugin/train.py -opt options/train_sr3_yoda.yml [--auto_resume] [--launcher pytorch]
+    torchrun --nproc_per_node=N yoda_plugin/train.py -opt OPT --launcher pytorch
+
+Experiments go to ``./experiments/<name>`` (the current directory is BasicSR's
+root path). Differences from ``basicsr/train.py``: options are parsed with a
+safe YAML loader, and ``--launcher pytorch`` also works without GPUs (gloo).
+"""
+import os
+import sys
+
+
+def _fix_script_path():
+    # Run as a file, Python puts yoda_plugin/ itself first on sys.path, where
+    # our test.py would shadow the standard library's "test" package.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    sys.path.insert(0, os.path.dirname(here))
+
+
+def main(root_path=None):
+    import yoda_plugin  # noqa: F401  (registers archs, models, datasets, losses, metrics)
+    from yoda_plugin.utils.options import patch_basicsr_runner
+    patch_basicsr_runner()
+    from basicsr.train import train_pipeline
+    train_pipeline(root_path or os.getcwd())
+
+
+if __name__ == '__main__':
+    _fix_script_path()
+    main()

@@ -1,0 +1,97 @@
+"""Safe option-file parsing and runner set-up shared by our train/test entry points.
+
+Our option files start with ``yoda_plugin: !!python/name:yoda_plugin.__version__``.
+BasicSR's own runners load YAML with PyYAML's full (unsafe) ``Loader``, which
+imports the named module: that is how an unmodified BasicSR registers our
+classes. Our runners never use that loader: they parse with ``SafeLoader``
+extended by exactly one constructor, which accepts ``python/name`` tags only
+for attributes of the ``yoda_plugin`` package and refuses everything else.
+"""
+import os
+from collections import OrderedDict
+
+import torch
+import yaml
+
+PLUGIN_TAG_PREFIX = 'tag:yaml.org,2002:python/name:'
+ALLOWED_MODULE = 'yoda_plugin'
+
+
+class SafeOptionLoader(yaml.SafeLoader):
+    """SafeLoader + OrderedDict mappings + ``!!python/name:yoda_plugin.*``."""
+
+
+def _construct_mapping(loader, node):
+    return OrderedDict(loader.construct_pairs(node))
+
+
+def _construct_plugin_name(loader, suffix, node):
+    module, _, attr = suffix.rpartition('.')
+    if module != ALLOWED_MODULE and not module.startswith(ALLOWED_MODULE + '.'):
+        raise yaml.constructor.ConstructorError(
+            None, None, f'refusing tag !!python/name:{suffix}: option files may only name attributes of '
+            f'{ALLOWED_MODULE} (safe loading)', node.start_mark)
+    import importlib
+    obj = importlib.import_module(module)
+    if not hasattr(obj, attr):
+        raise yaml.constructor.ConstructorError(None, None, f'{module} has no attribute {attr!r}', node.start_mark)
+    return getattr(obj, attr)
+
+
+SafeOptionLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+SafeOptionLoader.add_multi_constructor(PLUGIN_TAG_PREFIX, _construct_plugin_name)
+
+
+
+def load_options(path: str) -> dict:
+    """Parse an option file safely; errors name the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'option file not found: {path}')
+    with open(path, 'r', encoding='utf-8') as f:
+        try:
+            opt = yaml.load(f, Loader=SafeOptionLoader)
+        except yaml.YAMLError as err:
+            raise ValueError(f'cannot parse option file {path}: {err}') from err
+    if not isinstance(opt, dict):
+        raise ValueError(f'option file {path} must contain a mapping at top level, got {type(opt).__name__}')
+    return opt
+
+
+def init_dist_any_device(launcher: str, backend=None, **kwargs):
+    """BasicSR's ``init_dist`` for CUDA *and* CPU.
+
+    BasicSR's pytorch launcher hard-codes NCCL and ``torch.cuda.set_device``
+    (a ZeroDivisionError without GPUs). We pick NCCL with CUDA and gloo
+    without, reading RANK/WORLD_SIZE/LOCAL_RANK that torchrun sets.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return
+    if launcher == 'slurm':
+        from basicsr.utils.dist_util import init_dist
+        return init_dist(launcher, backend=backend or 'nccl', **kwargs)
+    if launcher != 'pytorch':
+        raise ValueError(f'unknown launcher {launcher!r}; use none, pytorch or slurm')
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get('LOCAL_RANK', os.environ.get('RANK', 0)))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        backend = backend or 'nccl'
+    else:
+        backend = backend or 'gloo'
+    dist.init_process_group(backend=backend, **kwargs)
+
+
+def patch_basicsr_runner():
+    """Make BasicSR's ``parse_options`` use our safe loader and device-agnostic init.
+
+    Only attributes of the in-memory ``basicsr.utils.options`` module change;
+    nothing on disk.
+    """
+    import collections
+
+    import basicsr.utils.options as bopt
+    bopt.ordered_yaml = lambda: (SafeOptionLoader, yaml.SafeDumper)
+    bopt.init_dist = init_dist_any_device
+    # BasicSR's MultiStepRestartLR keeps its milestones in a Counter; allow it
+    # in weights_only loading of resume states (a plain dict subclass, no code).
+    torch.serialization.add_safe_globals([collections.Counter])
