@@ -19,7 +19,7 @@ setup(
     name='yoda-plugin',
     version=read_version(),
     description='YODA (You Only Diffuse Areas) masked diffusion super-resolution as a BasicSR plugin',
-    long_description=open(os.path.join(here, 'README.md'), encoding='utf-8').read(),
+    long_description=open(os.path.join(here, 'README.md'), encoding='utf-8').read() if os.path.exists(os.path.join(here, 'README.md')) else '',
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.9',

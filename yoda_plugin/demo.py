@@ -47,24 +47,13 @@ def _crops(img, size, count, rng):
     return out
 
 
-def _write_image_lmdb(path, images):
-    import cv2
-    from basicsr.utils.lmdb_util import LmdbMaker
-    maker = LmdbMaker(path, map_size=1 << 28, batch=1000, compress_level=1)
-    for key, img in images.items():
-        ok, buf = cv2.imencode('.png', img[:, :, ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])
-        if not ok:
-            raise RuntimeError(f'cannot encode demo image {key}')
-        maker.put(buf.tobytes(), key, img.shape)
-    maker.close()
-
-
 def build_demo_data(root, seed=0, train_per_photo=16, val_per_photo=3, force=False):
     """Write datasets/demo/{train,val}_{hr,lr,attention_edge}.lmdb (and PNG folders) under ``root``."""
     import cv2
 
     from yoda_plugin.attention import build_attention_source
-    from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter
+    from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter, make_attention_meta
+    from yoda_plugin.data.lmdb_images import write_image_lmdb
     from yoda_plugin.data.transforms import bicubic_resize
 
     out = os.path.join(root, 'datasets', 'demo')
@@ -89,9 +78,9 @@ def build_demo_data(root, seed=0, train_per_photo=16, val_per_photo=3, force=Fal
             os.makedirs(folder, exist_ok=True)
             for key, img in images.items():
                 cv2.imwrite(os.path.join(folder, f'{key}.png'), img[:, :, ::-1])
-            _write_image_lmdb(os.path.join(out, f'{split}_{kind}.lmdb'), images)
-        with AttentionLMDBWriter(os.path.join(out, f'{split}_attention_edge.lmdb'), meta={'grid': 'lr'},
-                                 source=source.config()) as writer:
+            write_image_lmdb(os.path.join(out, f'{split}_{kind}.lmdb'), images)
+        with AttentionLMDBWriter(os.path.join(out, f'{split}_attention_edge.lmdb'),
+                                 make_attention_meta(source, grid='lr')) as writer:
             for key, img in lr.items():
                 writer.put(key, source(img))
     open(done_flag, 'w').close()

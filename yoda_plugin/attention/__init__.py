@@ -211,3 +211,4 @@ def build_attention_source_from_config(config: dict) -> AttentionSource:
 
 # Registration of the built-in sources (imports the names defined above).
 from .deterministic import EdgeAttention, GaussianAttention, SiftAttention  # noqa: E402
+from .dino import DinoResNet50Attention, DinoViTS8Attention  # noqa: E402,F401

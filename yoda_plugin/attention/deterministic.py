@@ -118,7 +118,10 @@ class EdgeAttention(AttentionSource):
        thresholds ``None`` (default) they are automatic from the median
        intensity ``m``: ``low = max(min_threshold, (1 - auto_sigma) m)``,
        ``high = max(low, min(255, (1 + auto_sigma) m))`` (the usual median
-       rule; the floor keeps dark images from turning sensor noise into edges);
+       rule, ``auto_sigma=0.33``). The floor ``min_threshold=20`` (in Canny's
+       Sobel-magnitude units) keeps dark images, whose median is near 0, from
+       turning noise of a few grey levels (Sobel L1 magnitude up to ~18 for
+       +-3 levels) into edges;
     3. morphological closing (dilate, then erode) with an elliptical kernel of
        ``k = max(3, round(close_kernel * s))`` pixels (made odd) so adjacent and
        near edges, less than about ``k`` pixels apart, join; ``close_kernel=0``
@@ -140,7 +143,7 @@ class EdgeAttention(AttentionSource):
     name = 'edge'
 
     def __init__(self, low_threshold: float = None, high_threshold: float = None, auto_sigma: float = 0.33,
-                 min_threshold: float = 10.0, close_kernel: float = 0.05, blur_sigma: float = 0.03):
+                 min_threshold: float = 20.0, close_kernel: float = 0.05, blur_sigma: float = 0.03):
         self.low_threshold = _real('low_threshold', low_threshold, low=0.0, allow_none=True)
         self.high_threshold = _real('high_threshold', high_threshold, low=0.0, allow_none=True)
         if (self.low_threshold is None) != (self.high_threshold is None):

@@ -56,6 +56,8 @@ the ``weights=`` argument, then an environment variable (``YODA_DINO_VITS8`` /
 ``torch.hub.load('facebookresearch/dino:main', ...)`` would have cached it).
 An explicitly given path (argument or environment variable) that does not
 exist is an error; we do not fall back to another file behind the user's back.
+The one exception is a bare file name as ``weights`` (what :meth:`config`
+records): it is looked up in the environment variable and the hub folder.
 Files are read with ``torch.load(..., weights_only=True)`` (only
 ``argparse.Namespace`` is additionally allowed: DINO's training checkpoints
 store their command line arguments in one). Both the released backbone files
@@ -64,10 +66,12 @@ and full DINO training checkpoints (``{'teacher': {'module.backbone.<key>':
 network exactly raise ``ValueError``, so a random network is never used.
 """
 import argparse
+import inspect
 import math
 import numbers
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -99,8 +103,8 @@ WEIGHTS_ENV_VARS = {
     'dino_resnet50': 'YODA_DINO_RESNET50',
 }
 _WEIGHTS_DESCRIPTION = {
-    'dino_vits8': 'ViT-S/8, "backbone only"',
-    'dino_resnet50': 'ResNet-50, "backbone only"',
+    'dino_vits8': 'the ViT-S/8 "backbone only" weights',
+    'dino_resnet50': 'the ResNet-50 "backbone only" weights',
 }
 
 RESIZE_POLICIES = ('short_side', 'fixed', 'none')
@@ -211,17 +215,19 @@ class VisionTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """Random initialisation (truncated normal, std 0.02), used only when no weights are loaded (tests)."""
-        nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-0.04, b=0.04)
-        nn.init.trunc_normal_(self.cls_token, std=0.02, a=-0.04, b=0.04)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        """Random initialisation, used only where no weights are loaded (tests): normal with std 0.02 clipped
+        to +-2 std for the embeddings and linear weights, zero biases, unit LayerNorms."""
+        with torch.no_grad():
+            for param in (self.pos_embed, self.cls_token):
+                param.normal_(std=0.02).clamp_(-0.04, 0.04)
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.normal_(std=0.02).clamp_(-0.04, 0.04)
+                    if module.bias is not None:
+                        module.bias.zero_()
+                elif isinstance(module, nn.LayerNorm):
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
 
     @property
     def train_grid(self) -> int:
@@ -447,16 +453,18 @@ def load_checkpoint(path: Union[str, os.PathLike]):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
-        if 'weights only' in str(err).lower() or 'weights_only' in str(err).lower():
+        told = re.sub(r'\x1b\[[0-9;]*m', '', str(err))  # torch's message carries terminal colour codes
+        if 'weights only' in told.lower() or 'weights_only' in told.lower():
             raise UnsafeCheckpointError(
                 f'refusing to load {path}: it contains objects that can only be unpickled by running arbitrary '
-                'code (torch.load(weights_only=True) rejected it; details below). DINO weights are plain tensors, '
-                'so a genuine DINO file never needs this. If you trust the file, re-save only its tensors, e.g. '
-                '`torch.save(state_dict, new_path)` in a trusted environment, and load that.\n'
-                f'torch.load said: {err}') from err
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint: {err}') from err
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint: {err}') from err
+                'code, so torch.load(weights_only=True) rejected it, and this plugin never loads checkpoints with '
+                'weights_only=False. DINO weights are plain tensors (training checkpoints add an '
+                'argparse.Namespace, which is allowed), so a genuine DINO file never needs this. If you trust the '
+                'file, re-save only its tensors in a trusted environment (torch.save(state_dict, new_path)) and '
+                f'load that.\ntorch.load said: {told}') from err
+        raise ValueError(f'{path} is not a readable PyTorch checkpoint: {told}') from err
+    except Exception as err:  # corrupt or foreign files fail in many ways (EOFError, RuntimeError, IndexError...)
+        raise ValueError(f'{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})') from err
 
 
 _PREFIXES = ('module.', 'backbone.')
@@ -530,32 +538,41 @@ def load_backbone_weights(model: nn.Module, state_dict: Mapping, where: str = 'c
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _image_to_tensor(image) -> torch.Tensor:
-    """HxWx3 RGB (also HxW / HxWx1 grey) uint8 or float in [0, 1] -> float32 tensor (3, H, W) in [0, 1]."""
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f'image must be a numpy array (H, W, 3), got {type(image).__name__}')
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise ValueError(f'image must have shape (H, W, 3) (RGB), (H, W, 1) or (H, W), got {image.shape}')
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f'image is empty: shape {image.shape}')
-    if image.dtype == np.uint8:
-        array = image.astype(np.float32) / 255.0
-    elif image.dtype == np.uint16:
-        array = image.astype(np.float32) / 65535.0
-    elif np.issubdtype(image.dtype, np.floating):
-        array = image.astype(np.float32)
-        if not np.isfinite(array).all():
-            raise ValueError('image contains NaN or Inf')
-        lo, hi = float(array.min()), float(array.max())
+def prepare_image(image) -> np.ndarray:
+    """Validate an image and return it as contiguous float32 RGB (H, W, 3) in [0, 1].
+
+    Same contract as the other attention sources (see ``yoda_plugin.attention``): (H, W) and (H, W, 1) grey
+    images are replicated, (H, W, 4) drops alpha; uint8, uint16 or float in [0, 1] (up to 1e-3 outside is
+    clipped). Float images keep their precision (no round trip through uint8).
+    """
+    arr = np.asarray(image)
+    shape = tuple(arr.shape)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f'expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {shape}')
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f'expected a non-empty image, got shape {shape}')
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        out = arr.astype(np.float32) / 65535.0
+    elif np.issubdtype(arr.dtype, np.floating):
+        out = arr.astype(np.float32)
+        if not np.isfinite(out).all():
+            raise ValueError(f'image of shape {shape} contains NaN or Inf values')
+        lo, hi = float(out.min()), float(out.max())
         if lo < -1e-3 or hi > 1.0 + 1e-3:
-            raise ValueError(f'float images must lie in [0, 1], got min {lo:.4g} and max {hi:.4g}')
-        array = np.clip(array, 0.0, 1.0)
+            raise ValueError(f'float images must have values in [0, 1], got min {lo:.4g} and max {hi:.4g} '
+                             f'(shape {shape}); pass uint8 for 0..255 data')
+        out = np.clip(out, 0.0, 1.0)
     else:
-        raise TypeError(f'image dtype must be uint8, uint16 or float, got {image.dtype}')
-    tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
+        raise ValueError(f'expected a uint8, uint16 or float image, got dtype {arr.dtype} (shape {shape})')
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    elif out.shape[2] == 4:
+        out = out[:, :, :3]
+    return np.ascontiguousarray(out)
 
 
 def _round_to_multiple(value: float, multiple: int) -> int:
@@ -603,15 +620,22 @@ def _check_resize(resize, input_size, multiple) -> Tuple[str, Union[int, Tuple[i
 
 
 class _DinoAttentionSource(AttentionSource):
-    """Shared pipeline of the DINO sources: weights, resize, normalise, head maps, aggregation, batching."""
+    """Shared pipeline of the DINO sources: weights, resize, normalise, head maps, aggregation, batching.
 
-    name = None
+    ``config()`` holds the name and every constructor parameter that changes the maps, with ``weights`` as the
+    file name only (no folder: maps do not depend on where the file lies, and the name is found again through
+    the environment variable or the hub folder by ``build_attention_source_from_config``). ``device`` and
+    ``max_batch`` are left out: they change where and how fast maps are computed, not what they are.
+    """
+
+    name = ''
     default_multiple = 8
+    num_heads = 6
+    _runtime_parameters = ('device', 'max_batch')
 
     def __init__(self, heads: Union[str, int] = 'max', weights: Optional[Union[str, os.PathLike]] = None,
                  device: Union[str, torch.device] = 'cpu', resize: str = 'short_side',
                  input_size: Union[int, Sequence[int]] = 224, multiple: Optional[int] = None, max_batch: int = 8):
-        super().__init__()
         self.resize, self.input_size, self.multiple = _check_resize(
             resize, input_size, self.default_multiple if multiple is None else multiple)
         if isinstance(max_batch, bool) or not isinstance(max_batch, numbers.Integral) or max_batch < 1:
@@ -621,16 +645,15 @@ class _DinoAttentionSource(AttentionSource):
         self.heads = _check_heads(heads, self.num_heads)
         self.device = torch.device(device)
         self.weights_path = resolve_weights(self.name, weights)
+        self.weights = os.path.basename(self.weights_path)
+        state_dict = extract_backbone_state_dict(load_checkpoint(self.weights_path))  # fails before any build
         model = self._build_model()
-        load_backbone_weights(model, extract_backbone_state_dict(load_checkpoint(self.weights_path)),
-                              where=self.weights_path)
+        load_backbone_weights(model, state_dict, where=self.weights_path)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
-    # -- to be provided by subclasses ------------------------------------------------------------------------
-    num_heads = 6
-
+    # -- provided by subclasses --------------------------------------------------------------------------------
     def _validate_options(self):
         """Check subclass options; called before ``heads`` is validated against ``num_heads``."""
 
@@ -641,17 +664,16 @@ class _DinoAttentionSource(AttentionSource):
         """Normalised network input (B, 3, h, w) -> raw head maps (B, num_heads, gh, gw)."""
         raise NotImplementedError
 
-    def _extra_config(self) -> dict:
-        return {}
-
     # -- pipeline ----------------------------------------------------------------------------------------------
     def network_input_size(self, height: int, width: int) -> Tuple[int, int]:
         """Input size (h, w) the network sees for an image of (height, width)."""
         return network_input_size(height, width, self.resize, self.input_size, self.multiple)
 
     @torch.no_grad()
-    def _head_maps_batch(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1], all of one size -> normalised head maps (B, K, H, W) on the CPU."""
+    def head_maps_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1], one size for all -> normalised head maps (B, K, H, W), float32, CPU."""
+        if batch.dim() != 4 or batch.shape[1] != 3:
+            raise ValueError(f'expected a (B, 3, H, W) batch, got shape {tuple(batch.shape)}')
         height, width = batch.shape[-2:]
         size = self.network_input_size(height, width)
         x = batch.to(self.device, torch.float32)
@@ -663,52 +685,50 @@ class _DinoAttentionSource(AttentionSource):
         maps = F.interpolate(grid_maps, size=(height, width), mode='bilinear', align_corners=False)
         return minmax_normalize(maps).cpu()
 
-    def _run(self, images: Sequence[np.ndarray]) -> List[torch.Tensor]:
-        tensors = [_image_to_tensor(image) for image in images]
-        results: List[Optional[torch.Tensor]] = [None] * len(tensors)
+    def _run(self, prepared: Sequence[np.ndarray]) -> List[torch.Tensor]:
+        """Head maps for prepared images; images of one size are stacked, at most ``max_batch`` at a time."""
+        results: List[Optional[torch.Tensor]] = [None] * len(prepared)
         groups: Dict[Tuple[int, int], List[int]] = {}
-        for index, tensor in enumerate(tensors):
-            groups.setdefault(tuple(tensor.shape[-2:]), []).append(index)
-        for indices in groups.values():  # images of one size are stacked, at most max_batch at a time
+        for index, image in enumerate(prepared):
+            groups.setdefault(tuple(image.shape[:2]), []).append(index)
+        for indices in groups.values():
             for start in range(0, len(indices), self.max_batch):
                 chunk = indices[start:start + self.max_batch]
-                maps = self._head_maps_batch(torch.stack([tensors[i] for i in chunk]))
-                for i, m in zip(chunk, maps):
-                    results[i] = m
+                stacked = torch.from_numpy(np.stack([prepared[i] for i in chunk])).permute(0, 3, 1, 2)
+                for i, maps in zip(chunk, self.head_maps_tensor(stacked)):
+                    results[i] = maps
         return results
 
-    def head_maps(self, image: np.ndarray) -> np.ndarray:
+    def prepare(self, image) -> np.ndarray:
+        """Float32 RGB (H, W, 3) in [0, 1] (see :func:`prepare_image`)."""
+        return prepare_image(image)
+
+    def compute(self, image: np.ndarray) -> np.ndarray:
+        """Aggregated map (H, W) of a prepared image (``__call__`` of the base class validates and clips it)."""
+        return aggregate_heads(self._run([image])[0], self.heads).numpy()
+
+    def head_maps(self, image) -> np.ndarray:
         """All normalised head maps of one image: float32 (num_heads, H, W) in [0, 1] (paper Fig. 3)."""
-        return self._run([image])[0].numpy()
+        return self._run([self.prepare(image)])[0].numpy()
 
-    def batch_head_maps(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
-        return [m.numpy() for m in self._run(list(images))]
+    def batch_head_maps(self, images: Sequence) -> List[np.ndarray]:
+        """:meth:`head_maps` for a list of images, batched like :meth:`batch`."""
+        return [m.numpy() for m in self._run([self.prepare(image) for image in images])]
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        """Attention map float32 (H, W) in [0, 1] for an RGB image (H, W, 3), uint8 or float in [0, 1]."""
-        return self.batch([image])[0]
-
-    def batch(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
-        """Maps for a list of images; images of equal size are processed as one stacked batch."""
-        return [aggregate_heads(m, self.heads).numpy().astype(np.float32, copy=False) for m in self._run(list(images))]
+    def batch(self, images: Sequence) -> List[np.ndarray]:
+        """Maps for a list of images: float32 (H, W) in [0, 1] each; equal sizes run as one stacked batch."""
+        maps = self._run([self.prepare(image) for image in images])
+        return [np.clip(aggregate_heads(m, self.heads).numpy().astype(np.float32), 0.0, 1.0) for m in maps]
 
     def config(self) -> dict:
-        cfg = {
-            'name': self.name,
-            'heads': self.heads,
-            'num_heads': self.num_heads,
-            'resize': self.resize,
-            'input_size': list(self.input_size) if isinstance(self.input_size, tuple) else self.input_size,
-            'multiple': self.multiple,
-            'upsample': 'bilinear',
-            'normalize': 'minmax',
-            'weights': os.path.basename(self.weights_path),
-        }
-        cfg.update(self._extra_config())
+        """Name and map-defining constructor parameters (JSON types); see the class docstring."""
+        cfg = {'name': self.name}
+        for param in list(inspect.signature(type(self).__init__).parameters.values())[1:]:
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or param.name in self._runtime_parameters:
+                continue
+            value = getattr(self, param.name)
+            cfg[param.name] = list(value) if isinstance(value, tuple) else value
         return cfg
-
-    def __repr__(self) -> str:
-        return f'{type(self).__name__}({", ".join(f"{k}={v!r}" for k, v in self.config().items())})'
 
 
 @register_attention_source
@@ -742,9 +762,6 @@ class DinoViTS8Attention(_DinoAttentionSource):
         cls_to_patches = attn[:, :, 0, 1:]
         return cls_to_patches.reshape(x.shape[0], attn.shape[1], grid_h, grid_w)
 
-    def _extra_config(self) -> dict:
-        return {'backbone': 'vit_small_patch8', 'head_map': 'last_block_cls_attention'}
-
 
 _RESNET_LAYERS = {'layer1': 256, 'layer2': 512, 'layer3': 1024, 'layer4': 2048}
 _RESNET_REDUCTIONS = ('mean', 'norm')
@@ -757,16 +774,17 @@ class DinoResNet50Attention(_DinoAttentionSource):
     A ResNet has no attention heads, but the paper reports "ResNet-50 Att.-Head 0-5" (Table 1, Fig. 3). We
     define head k as follows: take the output of stage ``layer`` (default ``layer4``, 2048 channels, stride 32;
     post-ReLU, so non-negative), split its channels into ``num_heads`` (default 6) contiguous groups whose sizes
-    differ by at most one (``torch.tensor_split``: 342, 342, 342, 342, 340, 340 for layer4), and reduce each
+    differ by at most one (``torch.tensor_split``: 342, 342, 341, 341, 341, 341 channels for layer4), and reduce each
     group over its channels: ``reduction='mean'`` (default) is the group's mean activation, the classic
     channel-averaged activation map used as a CAM-free saliency (no classifier or labels needed, which a
     self-supervised backbone lacks); ``reduction='norm'`` is the L2 norm over the group's channels (feature
     magnitude, more sensitive to a few strongly firing channels). Each map is then upsampled bilinearly to the
     image size and min-max normalised like the ViT heads. Why channel groups: they give ``num_heads``
     different maps of the same layer, as attention heads do, they need nothing beyond the released backbone,
-    and their average over all groups (up to normalisation) is the usual full activation map. Contiguous
-    groups are arbitrary in the sense that ResNet channels have no order; this is why the single "heads" have
-    no meaning of their own, while MAX/AVG are stable summaries.
+    and the channel-size-weighted mean of the raw group maps is exactly the usual full channel-mean activation
+    map. ResNet channels have no order, so which channels share a group is arbitrary: single "heads" have no
+    meaning of their own (as in the paper, where they score below MAX/AVG), MAX and AVG are the stable
+    summaries. ``layer`` and ``num_heads`` are configurable for that reason.
 
     Args:
         heads: ``'max'`` (default; the paper's final choice), ``'avg'`` or a head index 0..num_heads-1.
@@ -820,6 +838,3 @@ class DinoResNet50Attention(_DinoAttentionSource):
             maps = [torch.linalg.vector_norm(g, dim=1) for g in groups]
         return torch.stack(maps, dim=1)
 
-    def _extra_config(self) -> dict:
-        return {'backbone': 'resnet50', 'layer': self.layer, 'reduction': self.reduction,
-                'head_map': 'channel_groups'}

@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import tempfile
+import weakref
 from typing import Iterable, List, Tuple
 
 import cv2
@@ -68,6 +69,7 @@ def _atomic_write_text(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; these files are meant to be shared like data.mdb
         with os.fdopen(fd, 'w', encoding='utf-8') as f:
             f.write(text)
             f.flush()
@@ -100,14 +102,15 @@ def _diff(expected, found, prefix: str = '', strict: bool = True) -> List[str]:
     """Human-readable differences between two JSON values, by dotted field name.
 
     Dicts are compared key by key (recursively). With ``strict=False`` keys that
-    are only in ``found`` are ignored at this level (nested dicts stay strict).
+    are only in ``found`` are ignored at every level: ``expected`` lists just
+    the fields that must match (an option file's ``attention_meta``).
     """
     if isinstance(expected, dict) and isinstance(found, dict):
         out = []
         keys = set(expected) | (set(found) if strict else set())
         for k in sorted(keys, key=str):
             name = f'{prefix}.{k}' if prefix else str(k)
-            out += _diff(expected.get(k, _MISSING), found.get(k, _MISSING), name, True)
+            out += _diff(expected.get(k, _MISSING), found.get(k, _MISSING), name, strict)
         return out
     same = expected is not _MISSING and found is not _MISSING and \
         isinstance(expected, bool) == isinstance(found, bool) and expected == found
@@ -240,9 +243,10 @@ def read_attention_meta(path: str) -> dict:
 def check_attention_meta(path: str, expected: dict) -> dict:
     """Check the metadata of the attention LMDB at ``path`` against ``expected``; return it.
 
-    Every top-level field of ``expected`` must match (fields only in the file,
-    such as ``format``, are not checked); a dict value such as ``source`` must
-    match entirely, so a map made with any other source parameter is refused.
+    Every field of ``expected``, at any depth, must match; fields only in the
+    file are not checked. ``{'source': {'name': 'edge'}}`` accepts any edge map,
+    ``{'source': {'name': 'edge', 'close_kernel': 0.05}}`` only those made with
+    that kernel.
     Raises ValueError listing every mismatched field as "field: expected X,
     found Y".
     """
@@ -279,22 +283,34 @@ def read_meta_info(path: str) -> List[Tuple[str, Tuple[int, ...], str]]:
 
 
 def read_attention_lmdb(path: str, key: str) -> np.ndarray:
-    """Read and decode one map (for tests and scripts; datasets keep an env open)."""
+    """Read and decode one map (for tests and scripts; datasets keep an env open).
+
+    Opens and closes the LMDB on every call. py-lmdb allows one open environment
+    per folder and process, so while an :class:`AttentionLMDBWriter` of this
+    process has ``path`` open, the map is read through the writer instead.
+    """
     if not os.path.isfile(os.path.join(path, 'data.mdb')):
         raise ValueError(f'{path} is not an LMDB folder (no data.mdb)')
-    env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, subdir=True)
-    try:
-        with env.begin(write=False) as txn:
-            value = txn.get(validate_key(key))
-            value = None if value is None else bytes(value)
-    finally:
-        env.close()
+    raw = validate_key(key)
+    writer = _OPEN_WRITERS.get(os.path.realpath(path))
+    if writer is not None and not writer.closed:
+        value = writer.get_encoded(raw)
+    else:
+        env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False, subdir=True)
+        try:
+            with env.begin(write=False) as txn:
+                value = txn.get(raw)
+                value = None if value is None else bytes(value)
+        finally:
+            env.close()
     if value is None:
         raise MissingAttentionKeyError(f'key {key!r} not found in attention LMDB {path}')
     return decode_attention(value, key)
 
 
 # --------------------------------------------------------------------------- writer
+
+_OPEN_WRITERS = weakref.WeakValueDictionary()  # realpath -> open writer of this process
 
 class AttentionLMDBWriter:
     """Write attention maps into ``path`` (a BasicSR-layout LMDB folder), resumably.
@@ -329,6 +345,10 @@ class AttentionLMDBWriter:
         self._lock_fd = None
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ValueError(f'{self.path} exists and is not a folder')
+        if os.path.exists(os.path.join(self.path, 'data.mdb')) and \
+                not os.path.exists(os.path.join(self.path, META_FILE)):
+            raise ValueError(f'{self.path} already holds an LMDB without {META_FILE}; refusing to write attention '
+                             'maps into an LMDB of unknown content')  # checked again under the lock
         os.makedirs(self.path, exist_ok=True)
         self._acquire_lock()
         try:
@@ -336,6 +356,7 @@ class AttentionLMDBWriter:
             self.env = lmdb.open(self.path, map_size=int(map_size), subdir=True, readahead=False, meminit=False,
                                  max_dbs=0)
             self.map_size = int(self.env.info()['map_size'])
+            _OPEN_WRITERS[os.path.realpath(self.path)] = self
         except BaseException:
             self._release()
             raise
@@ -413,6 +434,12 @@ class AttentionLMDBWriter:
         with env.begin(write=False) as txn:
             return [bytes(k).decode('utf-8') for k in txn.cursor().iternext(keys=True, values=False)]
 
+    def get_encoded(self, raw_key: bytes):
+        """The stored bytes under ``raw_key`` (encoded key), or None."""
+        with self._require_open().begin(write=False) as txn:
+            value = txn.get(raw_key)
+            return None if value is None else bytes(value)
+
     def put(self, key: str, amap) -> None:
         """Validate, encode and commit one map (ValueError naming ``key`` for an invalid map)."""
         self._require_open()
@@ -462,6 +489,8 @@ class AttentionLMDBWriter:
             self._release()
 
     def _release(self) -> None:
+        if _OPEN_WRITERS.get(os.path.realpath(self.path)) is self:
+            del _OPEN_WRITERS[os.path.realpath(self.path)]
         if self.env is not None:
             try:
                 self.env.close()

@@ -11,11 +11,12 @@ import random
 
 import numpy as np
 import torch
-from basicsr.utils import FileClient, imfrombytes, img2tensor
+from basicsr.utils import imfrombytes, img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
 from .attention_lmdb import check_attention_meta, decode_attention
+from .lmdb_reader import lmdb_get
 from .transforms import RESIZE_MODES, augment_same, bicubic_resize, resize_attention
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
@@ -154,41 +155,32 @@ class YODAPairedDataset(data.Dataset):
                                f'e.g. {missing[:5]}; precompute them with scripts/precompute_attention.py')
             if opt.get('attention_meta'):
                 check_attention_meta(self.att_folder, dict(opt['attention_meta']))
-        self.file_client = None
 
     def __len__(self):
         return len(self.keys)
 
-    def _client(self):
-        if self.file_client is None:
-            if self.backend == 'lmdb':
-                paths, names = [self.gt_folder], ['gt']
-                if self.lq_folder:
-                    paths.append(self.lq_folder)
-                    names.append('lq')
-                self.file_client = FileClient('lmdb', db_paths=paths, client_keys=names)
-            else:
-                self.file_client = FileClient('disk')
-            self.att_client = FileClient('lmdb', db_paths=[self.att_folder],
-                                         client_keys=['attention']) if self.att_folder else None
-        return self.file_client
-
-    def _read_image(self, path: str, client_key: str, key: str) -> np.ndarray:
-        client = self._client()
-        value = client.get(path, client_key) if self.backend == 'lmdb' else client.get(path)
-        if value is None:
-            raise KeyError(f'{self.where}: key {key!r} not found in {client_key} LMDB')
+    def _read_image(self, key: str, which: str) -> np.ndarray:
+        """RGB uint8 image of ``key`` from the HR (``gt``) or LR (``lq``) source."""
+        folder = self.gt_folder if which == 'gt' else self.lq_folder
+        if self.backend == 'lmdb':
+            value, where = lmdb_get(folder, key), f'key {key!r} of LMDB {folder}'
+            if value is None:
+                raise KeyError(f'{self.where}: {where} not found')
+        else:
+            path = (self.gt_paths if which == 'gt' else self.lq_paths)[key]
+            where = path
+            with open(path, 'rb') as f:
+                value = f.read()
         try:
             img = imfrombytes(value, float32=False)
         except Exception as err:  # cv2 gives little context: add the file
-            raise ValueError(f'{self.where}: cannot decode {client_key} image {path!r}: {err}') from err
+            raise ValueError(f'{self.where}: cannot decode {which} image {where}: {err}') from err
         if img is None:
-            raise ValueError(f'{self.where}: cannot decode {client_key} image {path!r} (unreadable or truncated)')
-        return img[:, :, ::-1]  # BGR (cv2) -> RGB, uint8; gray/RGBA are already 3-channel here
+            raise ValueError(f'{self.where}: cannot decode {which} image {where} (unreadable or truncated)')
+        return img[:, :, ::-1]  # BGR (cv2) -> RGB, uint8; gray and RGBA are read as 3-channel
 
     def _read_attention(self, key: str):
-        self._client()
-        value = self.att_client.get(key, 'attention')
+        value = lmdb_get(self.att_folder, key)
         if value is None:
             if self.attention_required:
                 raise KeyError(f'{self.where}: no attention map for key {key!r} in {self.att_folder}')
@@ -198,9 +190,9 @@ class YODAPairedDataset(data.Dataset):
     def __getitem__(self, index):
         key = self.keys[index]
         scale = self.scale
-        gt = self._read_image(self.gt_paths[key], 'gt', key)
+        gt = self._read_image(key, 'gt')
         if self.lq_folder is not None:
-            lq = self._read_image(self.lq_paths[key], 'lq', key)
+            lq = self._read_image(key, 'lq')
             if (lq.shape[0] * scale, lq.shape[1] * scale) != gt.shape[:2]:
                 raise ValueError(f'{self.where}: key {key!r}: LR size {lq.shape[:2]} x scale {scale} does not match '
                                  f'HR size {gt.shape[:2]}')

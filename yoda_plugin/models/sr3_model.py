@@ -311,6 +311,24 @@ class SR3Model(SRModel):
         tb_logger.add_image(f'images/{dataset_name}/{img_name}', torch.cat(tiles, dim=2).clamp(0, 1), current_iter)
 
     # -- checkpoints -------------------------------------------------------------------------------
+    def save(self, epoch, current_iter):
+        super().save(epoch, current_iter)
+        if self.opt['dist']:
+            self.check_ranks_in_sync(current_iter)
+
+    def check_ranks_in_sync(self, current_iter):
+        """All ranks must hold bitwise-identical weights (DDP averages gradients); raise if not."""
+        import torch.distributed as dist
+        bare = self.get_bare_model(self.net_g)
+        sums = torch.stack([p.detach().double().sum() for p in bare.parameters()])
+        gathered = [torch.zeros_like(sums) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, sums)
+        worst = max(float((g - gathered[0]).abs().max()) for g in gathered)
+        if worst != 0.0:
+            raise RuntimeError(f'ranks out of sync at iteration {current_iter}: parameter checksums differ by {worst}')
+        get_root_logger().info(f'Ranks in sync at iteration {current_iter}: identical parameter checksums on '
+                               f'{len(gathered)} ranks.')
+
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
         """BasicSR's layout (``params`` / ``params_ema``), written atomically."""

@@ -81,17 +81,59 @@ def init_dist_any_device(launcher: str, backend=None, **kwargs):
     dist.init_process_group(backend=backend, **kwargs)
 
 
-def patch_basicsr_runner():
-    """Make BasicSR's ``parse_options`` use our safe loader and device-agnostic init.
+def load_resume_state_any_device(opt):
+    """BasicSR's ``load_resume_state`` without its CUDA assumption, and picky about completeness.
 
-    Only attributes of the in-memory ``basicsr.utils.options`` module change;
-    nothing on disk.
+    With ``--auto_resume`` it takes the newest ``<iter>.state`` whose weights
+    ``net_g_<iter>.pth`` also exist (states are written after the weights,
+    both atomically, so that pair is complete). Loaded with ``weights_only=True``
+    onto the GPU when there is one, else the CPU.
+    """
+    from basicsr.utils import get_root_logger
+    from basicsr.utils import check_resume
+    path = None
+    if opt.get('auto_resume'):
+        state_dir = opt['path'].get('training_states') or os.path.join('experiments', opt['name'], 'training_states')
+        model_dir = opt['path'].get('models') or os.path.join('experiments', opt['name'], 'models')
+        if os.path.isdir(state_dir):
+            iters = sorted((int(f[:-len('.state')]) for f in os.listdir(state_dir)
+                            if f.endswith('.state') and f[:-len('.state')].isdigit()), reverse=True)
+            for it in iters:
+                if os.path.isfile(os.path.join(model_dir, f'net_g_{it}.pth')):
+                    path = os.path.join(state_dir, f'{it}.state')
+                    break
+                get_root_logger().warning(f'auto_resume: skipping {it}.state, its net_g_{it}.pth is missing')
+        if path is not None:
+            opt['path']['resume_state'] = path
+    elif opt['path'].get('resume_state'):
+        path = opt['path']['resume_state']
+    if path is None:
+        return None
+    if torch.cuda.is_available():
+        device = torch.device('cuda', torch.cuda.current_device())
+    else:
+        device = torch.device('cpu')
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f'cannot load the training state {path}: {err}') from err
+    check_resume(opt, state['iter'])
+    return state
+
+
+def patch_basicsr_runner():
+    """Make BasicSR's pipelines use our safe loader, device-agnostic init and resume.
+
+    Only attributes of the in-memory ``basicsr.utils.options`` and
+    ``basicsr.train`` modules change; nothing on disk.
     """
     import collections
 
+    import basicsr.train as btrain
     import basicsr.utils.options as bopt
     bopt.ordered_yaml = lambda: (SafeOptionLoader, yaml.SafeDumper)
     bopt.init_dist = init_dist_any_device
+    btrain.load_resume_state = load_resume_state_any_device
     # BasicSR's MultiStepRestartLR keeps its milestones in a Counter; allow it
     # in weights_only loading of resume states (a plain dict subclass, no code).
     torch.serialization.add_safe_globals([collections.Counter])
