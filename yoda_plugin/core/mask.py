@@ -46,10 +46,11 @@ def check_attention(attention: torch.Tensor, name: str = 'attention') -> torch.T
         raise ValueError(f'{name} must have shape (H, W), (B, H, W) or (B, 1, H, W), got {tuple(attention.shape)}')
     if attention.numel() == 0:
         raise ValueError(f'{name} is empty: shape {tuple(attention.shape)}')
-    if not bool(torch.isfinite(attention).all()):
-        raise ValueError(f'{name} contains NaN or Inf values; attention maps must be finite and in [0, 1]')
-    lo, hi = float(attention.min()), float(attention.max())
-    if lo < 0.0 or hi > 1.0:
+    # One fused check on the hot path (NaN fails both comparisons); details only on failure.
+    if not bool(((attention >= 0) & (attention <= 1)).all()):
+        if not bool(torch.isfinite(attention).all()):
+            raise ValueError(f'{name} contains NaN or Inf values; attention maps must be finite and in [0, 1]')
+        lo, hi = float(attention.min()), float(attention.max())
         raise ValueError(f'{name} values must lie in [0, 1], got min {lo:.4g} and max {hi:.4g}')
     return attention
 

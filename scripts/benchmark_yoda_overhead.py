@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""YODA's overhead versus vanilla SR3, measured side by side in one run.
+
+    python scripts/benchmark_yoda_overhead.py [--net small|paper] [--size 128] [--batch 4] [--device cpu]
+
+Prints one table:
+* training step (forward, masked loss, backward, AdamW) with YODA / without, same
+  network, batch and data; interleaved A/B repetitions, medians;
+* dense YODA sampling / vanilla sampling over the same number of steps;
+* YODA's share of pixel updates for the attention maps used (what sparse
+  sampling could save at most);
+* seconds per network forward of the chosen network at the chosen size.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+try:
+    import yoda_plugin  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from yoda_plugin.archs.sr3_unet_arch import SR3UNet  # noqa: E402
+from yoda_plugin.core import (DiffusionSchedule, YODAConfig, make_beta_schedule, masked_noise_loss,  # noqa: E402
+                              pixel_update_ratio, sample_loop, training_inputs)
+
+NETS = {
+    'paper': dict(base_channels=64, channel_mults=(1, 2, 4, 8, 8), num_res_blocks=3, attn_resolutions=(16, ),
+                  norm_groups=32),
+    'small': dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(16, ),
+                  norm_groups=8),
+}
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--net', choices=sorted(NETS), default='small')
+    p.add_argument('--size', type=int, default=64, help='HR size (SR3 diffuses on the HR grid)')
+    p.add_argument('--batch', type=int, default=4)
+    p.add_argument('--repeats', type=int, default=10, help='A/B pairs of training steps')
+    p.add_argument('--sample-steps', type=int, default=20)
+    p.add_argument('--lower-bound', type=float, default=0.4)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--seed', type=int, default=0)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+
+    net = SR3UNet(image_size=args.size, **NETS[args.net]).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=1e-4)
+    schedule = DiffusionSchedule(make_beta_schedule('linear', 500, 4e-6, 4e-2))
+    sample_schedule = schedule.respace(args.sample_steps)
+    hr = torch.rand(args.batch, 3, args.size, args.size, device=device) * 2 - 1
+    cond = torch.nn.functional.avg_pool2d(hr, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    # Attention: the centred Gaussian baseline of the paper (values spread over [0, 1]).
+    from yoda_plugin.attention import build_attention_source
+    gauss = build_attention_source('gaussian')(torch.zeros(args.size, args.size, 3).numpy())
+    att = torch.from_numpy(gauss).to(device)[None, None].expand(args.batch, 1, -1, -1).contiguous()
+    yoda, vanilla = YODAConfig(lower_bound=args.lower_bound), YODAConfig(enabled=False)
+
+    def train_step(cfg):
+        opt.zero_grad(set_to_none=True)
+        inp = training_inputs(schedule, hr, att, cfg)
+        eps = net(inp['z_in'], cond, inp['noise_level'])
+        loss = masked_noise_loss(eps, inp['noise'], inp['mask'])
+        loss.backward()
+        opt.step()
+
+    for cfg in (vanilla, yoda):  # warm-up both paths
+        train_step(cfg)
+    times = {'vanilla': [], 'yoda': []}
+    for i in range(args.repeats):
+        order = (('vanilla', vanilla), ('yoda', yoda)) if i % 2 == 0 else (('yoda', yoda), ('vanilla', vanilla))
+        for name, cfg in order:
+            sync(device)
+            t = time.perf_counter()
+            train_step(cfg)
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    train_v, train_y = statistics.median(times['vanilla']), statistics.median(times['yoda'])
+
+    net.eval()
+
+    def denoise(z_in, k):
+        return net(z_in, cond, sample_schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
+
+    sample_times = {'vanilla': [], 'yoda': []}
+    with torch.no_grad():
+        for i in range(3):
+            for name, cfg in ((('vanilla', vanilla), ('yoda', yoda)) if i % 2 == 0 else
+                              (('yoda', yoda), ('vanilla', vanilla))):
+                sync(device)
+                t = time.perf_counter()
+                sample_loop(denoise, sample_schedule, cond, att, cfg, torch.Generator(device).manual_seed(0))
+                sync(device)
+                sample_times[name].append(time.perf_counter() - t)
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(5):
+            net(hr[:1], cond[:1], torch.full((1, ), 0.5, device=device))
+        sync(device)
+        forward = (time.perf_counter() - t) / 5
+    samp_v, samp_y = statistics.median(sample_times['vanilla']), statistics.median(sample_times['yoda'])
+    share = float(pixel_update_ratio(att, args.lower_bound, sample_schedule.timesteps, 500).mean())
+
+    params = sum(p.numel() for p in net.parameters()) / 1e6
+    print(f'\nYODA overhead benchmark: {args.net} SR3 UNet ({params:.1f}M params), {args.size}x{args.size}, '
+          f'batch {args.batch}, {device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}')
+    print(f'| measurement | vanilla | YODA | YODA / vanilla |')
+    print(f'| --- | --- | --- | --- |')
+    print(f'| training step, s (median of {args.repeats}) | {train_v:.4f} | {train_y:.4f} | {train_y / train_v:.3f} |')
+    print(f'| dense sampling, {args.sample_steps} steps, s (median of 3) | {samp_v:.3f} | {samp_y:.3f} | '
+          f'{samp_y / samp_v:.3f} |')
+    print(f'| pixel updates (share of full diffusion), l={args.lower_bound} | 1.000 | {share:.3f} | {share:.3f} |')
+    print(f'| network forward, batch 1, s | {forward:.4f} | | |')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
