@@ -136,3 +136,27 @@ def test_safe_loader_refuses_foreign_python_tags(tmp_path):
     assert opt['yoda']['lower_bound'] == 0.4 and opt['train']['optim_g']['lr'] == 5e-5
     with open(os.path.join(REPO, 'options', 'train_sr3_yoda.yml')) as f:
         assert yaml.load(f, Loader=yaml.Loader)['diffusion']['num_timesteps'] == 500
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data, tmp_path):
+    """N iterations in one go == N/2, stop, --auto_resume to N: bitwise equal weights, EMA and optimizer (CPU)."""
+    def opt_for(name, total):
+        # 6 images, batch 2: 3 iterations per epoch, so the stop at 4 falls mid-epoch.
+        return tiny_options(tiny_data, name=name, total_iter=total, logger__save_checkpoint_freq=4,
+                            val__val_freq=10**6)
+    straight = write_options(tmp_path / 'straight.yml', opt_for('straight', 8))
+    run([PYTHON, '-m', 'yoda_plugin', 'train', '-opt', straight], cwd=tmp_path)
+    part = tmp_path / 'resumed.yml'
+    write_options(part, opt_for('resumed', 4))
+    run([PYTHON, '-m', 'yoda_plugin', 'train', '-opt', str(part)], cwd=tmp_path)
+    write_options(part, opt_for('resumed', 8))
+    run([PYTHON, '-m', 'yoda_plugin', 'train', '-opt', str(part), '--auto_resume'], cwd=tmp_path)
+    a = torch.load(tmp_path / 'experiments' / 'straight' / 'models' / 'net_g_8.pth', weights_only=True)
+    b = torch.load(tmp_path / 'experiments' / 'resumed' / 'models' / 'net_g_8.pth', weights_only=True)
+    for key in ('params', 'params_ema'):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f'{key}.{name} differs after resume'
+    sa = torch.load(tmp_path / 'experiments' / 'straight' / 'training_states' / '8.state', weights_only=True)
+    sb = torch.load(tmp_path / 'experiments' / 'resumed' / 'training_states' / '8.state', weights_only=True)
+    for i, st in sa['optimizers'][0]['state'].items():
+        assert torch.equal(st['exp_avg'], sb['optimizers'][0]['state'][i]['exp_avg'])

@@ -55,6 +55,36 @@ def atomic_torch_save(obj, path: str):
             os.remove(tmp)
 
 
+def rng_state() -> dict:
+    """torch (CPU and CUDA), numpy and python RNG states as tensors (loadable with weights_only=True)."""
+    import random
+
+    import numpy as np
+    np_state = np.random.get_state()
+    py_version, py_keys, py_gauss = random.getstate()
+    return {
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        'numpy_keys': torch.from_numpy(np_state[1].astype(np.int64)),
+        'numpy_pos': int(np_state[2]), 'numpy_has_gauss': int(np_state[3]), 'numpy_gauss': float(np_state[4]),
+        'python_keys': torch.tensor(py_keys, dtype=torch.int64), 'python_version': int(py_version),
+        'python_gauss': py_gauss,
+    }
+
+
+def set_rng_state(state: dict):
+    import random
+
+    import numpy as np
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    np.random.set_state(('MT19937', state['numpy_keys'].numpy().astype(np.uint32), state['numpy_pos'],
+                         state['numpy_has_gauss'], state['numpy_gauss']))
+    random.setstate((state['python_version'], tuple(int(v) for v in state['python_keys'].tolist()),
+                     state['python_gauss']))
+
+
 def diffusion_options(opt: dict, where: str = 'diffusion') -> dict:
     opt = dict(opt or {})
     unknown = sorted(set(opt) - set(DIFFUSION_DEFAULTS))
@@ -311,6 +341,12 @@ class SR3Model(SRModel):
         tb_logger.add_image(f'images/{dataset_name}/{img_name}', torch.cat(tiles, dim=2).clamp(0, 1), current_iter)
 
     # -- checkpoints -------------------------------------------------------------------------------
+    def resume_training(self, resume_state):
+        """Optimizers and schedulers (BasicSR), then the random number streams of the saved run."""
+        super().resume_training(resume_state)
+        if 'rng' in resume_state:
+            set_rng_state(resume_state['rng'])
+
     def save(self, epoch, current_iter):
         super().save(epoch, current_iter)
         if self.opt['dist']:
@@ -348,6 +384,6 @@ class SR3Model(SRModel):
         if current_iter == -1:
             return
         state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
-                 'schedulers': [s.state_dict() for s in self.schedulers]}
+                 'schedulers': [s.state_dict() for s in self.schedulers], 'rng': rng_state()}
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 

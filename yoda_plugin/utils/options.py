@@ -118,7 +118,64 @@ def load_resume_state_any_device(opt):
     except Exception as err:
         raise RuntimeError(f'cannot load the training state {path}: {err}') from err
     check_resume(opt, state['iter'])
+    train_opt = (opt.get('datasets') or {}).get('train') or {}
+    _PENDING_RESUME.update(epoch=int(state['epoch']), iter=int(state['iter']),
+                           batch_size=int(train_opt.get('batch_size_per_gpu', 1)))
     return state
+
+
+# Where a resumed run must continue inside its epoch; read once by the train sampler.
+_PENDING_RESUME = {}
+
+
+def _resumable_sampler_class():
+    """BasicSR's EnlargedSampler, continuing mid-epoch after a resume.
+
+    BasicSR restarts the saved epoch from its first batch on resume, so a
+    resumed run sees other data than an uninterrupted one. This sampler skips
+    the batches of that epoch which the saved iteration count says were
+    already used (BasicSR's train loader drops the last incomplete batch, so
+    every epoch has ``len(sampler) // batch_size`` iterations).
+    """
+    from itertools import islice
+
+    from basicsr.data.data_sampler import EnlargedSampler
+
+    class ResumableEnlargedSampler(EnlargedSampler):
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.skip_epoch, self.skip_samples = None, 0
+            if _PENDING_RESUME:
+                pending = dict(_PENDING_RESUME)
+                _PENDING_RESUME.clear()
+                per_epoch = max(len(self) // pending['batch_size'], 1)
+                done = pending['iter'] - pending['epoch'] * per_epoch
+                if 0 < done <= per_epoch:
+                    self.skip_epoch, self.skip_samples = pending['epoch'], done * pending['batch_size']
+
+        def __iter__(self):
+            indices = super().__iter__()
+            if self.epoch == self.skip_epoch:
+                self.skip_epoch = None  # only the first pass over the resumed epoch
+                return islice(indices, self.skip_samples, None)
+            return indices
+
+    return ResumableEnlargedSampler
+
+
+def _build_dataloader_own_generator(build):
+    """Give each loader its own seeded generator for worker seeds.
+
+    Otherwise every new epoch iterator draws from the global torch RNG, which
+    also drives the diffusion noise: a resumed run would then draw differently.
+    """
+    def wrapped(dataset, dataset_opt, num_gpu=1, dist=False, sampler=None, seed=None):
+        loader = build(dataset, dataset_opt, num_gpu=num_gpu, dist=dist, sampler=sampler, seed=seed)
+        loader.generator = torch.Generator().manual_seed(int(seed or 0))
+        return loader
+
+    return wrapped
 
 
 def patch_basicsr_runner():
@@ -134,6 +191,10 @@ def patch_basicsr_runner():
     bopt.ordered_yaml = lambda: (SafeOptionLoader, yaml.SafeDumper)
     bopt.init_dist = init_dist_any_device
     btrain.load_resume_state = load_resume_state_any_device
+    btrain.EnlargedSampler = _resumable_sampler_class()
+    if not getattr(btrain.build_dataloader, '_yoda_wrapped', False):
+        btrain.build_dataloader = _build_dataloader_own_generator(btrain.build_dataloader)
+        btrain.build_dataloader._yoda_wrapped = True
     # BasicSR's MultiStepRestartLR keeps its milestones in a Counter; allow it
     # in weights_only loading of resume states (a plain dict subclass, no code).
     torch.serialization.add_safe_globals([collections.Counter])
