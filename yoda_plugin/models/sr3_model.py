@@ -55,6 +55,25 @@ def atomic_torch_save(obj, path: str):
             os.remove(tmp)
 
 
+def load_checkpoint(path: str, weights_only: bool = True):
+    """``torch.load`` on the CPU with errors that name the file and what to do."""
+    import pickle
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        if weights_only and 'Unsupported global' in str(err):
+            raise ValueError(
+                f'{path} needs unsafe unpickling (it stores Python objects beyond tensors and plain containers), '
+                f'so it was refused under torch.load(weights_only=True). Only if you trust its origin, set '
+                f'"path: {{trust_checkpoint: true}}" in the option file to load it with weights_only=False. '
+                f'({str(err).splitlines()[0]})') from err
+        raise ValueError(f'{path} is not a PyTorch checkpoint: {str(err).splitlines()[-1] or err}') from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise ValueError(f'{path} is not a readable PyTorch checkpoint (truncated or another format?): {err}') from err
+
+
 def rng_state() -> dict:
     """torch (CPU and CUDA), numpy and python RNG states as tensors (loadable with weights_only=True)."""
     import random
@@ -341,6 +360,33 @@ class SR3Model(SRModel):
         tb_logger.add_image(f'images/{dataset_name}/{img_name}', torch.cat(tiles, dim=2).clamp(0, 1), current_iter)
 
     # -- checkpoints -------------------------------------------------------------------------------
+    def load_network(self, net, load_path, strict=True, param_key='params'):
+        """BasicSR's loader with clear errors; ``weights_only=True`` unless ``path.trust_checkpoint: true``."""
+        net = self.get_bare_model(net)
+        trusted = bool(self.opt['path'].get('trust_checkpoint', False))
+        state = load_checkpoint(load_path, weights_only=not trusted)
+        if param_key is not None and isinstance(state, dict) and param_key in state:
+            state = state[param_key]
+        elif param_key is not None and isinstance(state, dict) and 'params' in state:
+            get_root_logger().info(f'Loading: {param_key} does not exist in {load_path}, use params.')
+            state = state['params']
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f'{load_path} holds no network weights under "{param_key}" (expected a state dict '
+                             f'saved by BasicSR: {{"params": ..., "params_ema": ...}})')
+        state = OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in state.items())
+        own = net.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if strict and (missing or unexpected or wrong):
+            raise ValueError(
+                f'{load_path} does not fit {type(net).__name__} (network_g options or another architecture?): '
+                f'{len(missing)} missing key(s) {missing[:4]}, {len(unexpected)} unexpected key(s) {unexpected[:4]}, '
+                f'{len(wrong)} of another shape {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:3]]}')
+        if not strict:
+            state = OrderedDict((k, v) for k, v in state.items() if k in own and own[k].shape == v.shape)
+        net.load_state_dict(state, strict=strict)
+        get_root_logger().info(f'Loading {type(net).__name__} model from {load_path}, with param key: [{param_key}].')
+
     def resume_training(self, resume_state):
         """Optimizers and schedulers (BasicSR), then the random number streams of the saved run."""
         super().resume_training(resume_state)
