@@ -15,11 +15,16 @@ def read_version():
     raise RuntimeError('no __version__ in yoda_plugin/__init__.py')
 
 
+def read_readme():
+    path = os.path.join(here, 'README.md')
+    return open(path, encoding='utf-8').read() if os.path.exists(path) else ''
+
+
 setup(
     name='yoda-plugin',
     version=read_version(),
     description='YODA (You Only Diffuse Areas) masked diffusion super-resolution as a BasicSR plugin',
-    long_description=open(os.path.join(here, 'README.md'), encoding='utf-8').read() if os.path.exists(os.path.join(here, 'README.md')) else '',
+    long_description=read_readme(),
     long_description_content_type='text/markdown',
     license='Apache-2.0',
     python_requires='>=3.9',
