@@ -160,3 +160,29 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data, tmp_path):
     sb = torch.load(tmp_path / 'experiments' / 'resumed' / 'training_states' / '8.state', weights_only=True)
     for i, st in sa['optimizers'][0]['state'].items():
         assert torch.equal(st['exp_avg'], sb['optimizers'][0]['state'][i]['exp_avg'])
+
+
+def test_distributed_test_splits_images_and_equals_single_process(tiny_data, tmp_path):
+    """torchrun testing: ranks share the images, rank 0 gathers; per-image metrics equal one process."""
+    opt = tiny_options(tiny_data, name='pre', total_iter=1, logger__save_checkpoint_freq=100, val__val_freq=100)
+    run([PYTHON, '-m', 'yoda_plugin', 'train', '-opt', write_options(tmp_path / 'pre.yml', opt)], cwd=tmp_path)
+    test_opt = tiny_options(tiny_data, name='single', yoda=True)
+    for key in ('train', 'logger'):
+        test_opt.pop(key)
+    test_opt['datasets'] = {'test_1': test_opt['datasets']['val']}
+    test_opt['path'] = {'pretrain_network_g': str(tmp_path / 'experiments' / 'pre' / 'models' / 'net_g_latest.pth')}
+    test_opt['val'].pop('val_freq')
+    run([PYTHON, '-m', 'yoda_plugin', 'test', '-opt', write_options(tmp_path / 'single.yml', test_opt)], cwd=tmp_path)
+    test_opt['name'] = 'dual'
+    run([PYTHON, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         os.path.join(REPO, 'yoda_plugin', 'test.py'), '-opt', write_options(tmp_path / 'dual.yml', test_opt),
+         '--launcher', 'pytorch'], cwd=tmp_path, timeout=300)
+    single = open(tmp_path / 'results' / 'single' / 'metrics_tiny_val.csv').read().splitlines()
+    dual = open(tmp_path / 'results' / 'dual' / 'metrics_tiny_val.csv').read().splitlines()
+    strip = lambda rows: [','.join(r.split(',')[:-1]) for r in rows]  # drop the timing column
+    assert strip(single) == strip(dual) and len(single) == 3
+    s = json.load(open(tmp_path / 'results' / 'single' / 'summary_tiny_val.json'))
+    d = json.load(open(tmp_path / 'results' / 'dual' / 'summary_tiny_val.json'))
+    assert s['metrics'] == d['metrics'] and s['update_ratio'] == d['update_ratio']
+    log = open(glob.glob(str(tmp_path / 'results' / 'dual' / '*.log'))[0]).read()
+    assert '2 ranks' in log

@@ -262,25 +262,37 @@ class SR3Model(SRModel):
 
     # -- validation --------------------------------------------------------------------------------
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
-        dataset_name = dataloader.dataset.opt['name']
+        self._validation(dataloader, current_iter, tb_logger, save_img, rank=0, world_size=1)
+
+    def dist_validation(self, dataloader, current_iter, tb_logger, save_img):
+        """Every rank samples its share of the images (i = rank, rank + N, ...); rank 0 gathers.
+
+        BasicSR validates on rank 0 only, leaving the other GPUs idle through
+        hundreds of sampling steps per image. Image i uses seed ``sample_seed + i``
+        whichever rank samples it, so results equal a single-process run.
+        """
+        self._validation(dataloader, current_iter, tb_logger, save_img, rank=self.opt['rank'],
+                         world_size=self.opt['world_size'])
+
+    def _validation(self, dataloader, current_iter, tb_logger, save_img, rank, world_size):
+        from torch.utils.data import default_collate
+        dataset = dataloader.dataset
+        dataset_name = dataset.opt['name']
         val_opt = self.opt['val']
         metrics_opt = val_opt.get('metrics') or {}
-        with_metrics = bool(metrics_opt)
-        if with_metrics:
-            self._initialize_best_metric_results(dataset_name)
-        sums = {name: 0.0 for name in metrics_opt}
-        ratios, seconds, count, rows = [], 0.0, 0, []
         seed = val_opt.get('sample_seed', 0)
         tb_images = int(val_opt.get('tb_images', 2))
-        pbar = tqdm(total=len(dataloader), unit='image') if val_opt.get('pbar', False) else None
-
-        for idx, val_data in enumerate(dataloader):
+        indices = range(rank, len(dataset), world_size)
+        pbar = tqdm(total=len(indices), unit='image') if val_opt.get('pbar', False) and rank == 0 else None
+        rows = []
+        for idx in indices:
+            val_data = default_collate([dataset[idx]])
             img_name = osp.splitext(osp.basename(val_data['lq_path'][0]))[0]
             self.feed_data(val_data)
             start = time.perf_counter()
             self.test(seed=None if seed is None else seed + idx)
-            seconds += time.perf_counter() - start
-            ratios.append(float(self.update_ratio().mean()))
+            seconds = time.perf_counter() - start
+            ratio = float(self.update_ratio().mean())
             visuals = self.get_current_visuals()
             sr_img = tensor2img([visuals['result']])
             metric_data = {'img': sr_img}
@@ -293,12 +305,10 @@ class SR3Model(SRModel):
                     imwrite(tensor2img([visuals['attention']]), osp.join(folder, f'{img_name}_attention.png'))
             if tb_logger is not None and idx < tb_images:
                 self._log_images(tb_logger, dataset_name, img_name, visuals, current_iter)
-            row = {'image': img_name}
+            row = {'index': idx, 'image': img_name}
             for name, opt_ in metrics_opt.items():
                 row[name] = float(calculate_metric(metric_data, opt_))
-                sums[name] += row[name]
-            rows.append({**row, 'update_ratio': ratios[-1], 'seconds': time.perf_counter() - start})
-            count += 1
+            rows.append({**row, 'update_ratio': ratio, 'seconds': seconds})
             del self.lq, self.lq_up, self.output
             if hasattr(self, 'gt'):
                 del self.gt
@@ -307,22 +317,30 @@ class SR3Model(SRModel):
                 pbar.set_description(f'Test {img_name}')
         if pbar is not None:
             pbar.close()
-
-        self.metric_results = {name: total / max(count, 1) for name, total in sums.items()}
-        for name, value in self.metric_results.items():
-            self._update_best_metric_result(dataset_name, name, value, current_iter)
-        self.val_extra = {'update_ratio': sum(ratios) / max(len(ratios), 1), 'sec_per_image': seconds / max(count, 1)}
-        if with_metrics:
+        if world_size > 1:
+            from mmengine.dist import all_gather_object
+            rows = [r for part in all_gather_object(rows) for r in part]
+        rows.sort(key=lambda r: r['index'])  # summation order of a single process: identical means
+        count = max(len(rows), 1)
+        self.metric_results = {name: sum(r[name] for r in rows) / count for name in metrics_opt}
+        self.val_extra = {'update_ratio': sum(r['update_ratio'] for r in rows) / count,
+                          'sec_per_image': sum(r['seconds'] for r in rows) / count}
+        if rank != 0:
+            return
+        if metrics_opt:
+            self._initialize_best_metric_results(dataset_name)
+            for name, value in self.metric_results.items():
+                self._update_best_metric_result(dataset_name, name, value, current_iter)
             self._log_validation_metric_values(current_iter, dataset_name, tb_logger)
-        logger = get_root_logger()
-        logger.info(f'Validation {dataset_name}: YODA pixel-update share vs full diffusion '
-                    f'{self.val_extra["update_ratio"]:.4f}; sampling {self.val_extra["sec_per_image"]:.2f} s/image '
-                    f'({self.sample_schedule.num_steps} steps)')
+        get_root_logger().info(
+            f'Validation {dataset_name}: YODA pixel-update share vs full diffusion {self.val_extra["update_ratio"]:.4f}; '
+            f'sampling {self.val_extra["sec_per_image"]:.2f} s/image ({self.sample_schedule.num_steps} steps'
+            + (f', {world_size} ranks' if world_size > 1 else '') + ')')
         if tb_logger is not None:
             for k, v in self.val_extra.items():
                 tb_logger.add_scalar(f'metrics/{dataset_name}/{k}', v, current_iter)
         if not self.opt['is_train']:
-            self._write_report(dataset_name, rows)
+            self._write_report(dataset_name, [{k: v for k, v in r.items() if k != 'index'} for r in rows])
 
     @master_only
     def _write_report(self, dataset_name, rows):
