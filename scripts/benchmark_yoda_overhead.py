@@ -25,8 +25,8 @@ except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from yoda_plugin.archs.sr3_unet_arch import SR3UNet  # noqa: E402
-from yoda_plugin.core import (DiffusionSchedule, YODAConfig, make_beta_schedule, masked_noise_loss,  # noqa: E402
-                              pixel_update_ratio, sample_loop, training_inputs)
+from yoda_plugin.core import (DiffusionSchedule, SparseDenoiser, YODAConfig, make_beta_schedule,  # noqa: E402
+                              masked_noise_loss, pixel_update_ratio, sample_loop, training_inputs)
 
 NETS = {
     'paper': dict(base_channels=64, channel_mults=(1, 2, 4, 8, 8), num_res_blocks=3, attn_resolutions=(16, ),
@@ -51,11 +51,17 @@ def main(argv=None):
     p.add_argument('--lower-bound', type=float, default=0.4)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--margin', type=int, default=16, help='context margin of sparse sampling (pixels)')
+    p.add_argument('--checkpoint', help='net_g_*.pth whose params_ema fit --net (e.g. the demo model with '
+                   '--net small --size 64) to measure the sparse approximation on trained weights')
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
 
     net = SR3UNet(image_size=args.size, **NETS[args.net]).to(device)
+    if args.checkpoint:
+        ckpt = torch.load(args.checkpoint, map_location=device, weights_only=True)
+        net.load_state_dict(ckpt.get('params_ema', ckpt.get('params')))
     opt = torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=1e-4)
     schedule = DiffusionSchedule(make_beta_schedule('linear', 500, 4e-6, 4e-2))
     sample_schedule = schedule.respace(args.sample_steps)
@@ -93,16 +99,27 @@ def main(argv=None):
     def denoise(z_in, k):
         return net(z_in, cond, sample_schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
 
-    sample_times = {'vanilla': [], 'yoda': []}
+    def net_fn(z_in, k, box):
+        c = cond if box is None else cond[..., box[0]:box[1], box[2]:box[3]]
+        return net(z_in, c, sample_schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
+
+    multiple = 2**(len(NETS[args.net]['channel_mults']) - 1)
+    sample_times = {'vanilla': [], 'yoda': [], 'sparse': []}
+    outputs = {}
     with torch.no_grad():
         for i in range(3):
-            for name, cfg in ((('vanilla', vanilla), ('yoda', yoda)) if i % 2 == 0 else
-                              (('yoda', yoda), ('vanilla', vanilla))):
+            order = ['vanilla', 'yoda', 'sparse'] if i % 2 == 0 else ['sparse', 'yoda', 'vanilla']
+            for name in order:
+                sparse = SparseDenoiser(net_fn, args.margin, multiple, 0.7)
+                fn, cfg = {'vanilla': (denoise, vanilla), 'yoda': (denoise, yoda), 'sparse': (sparse, yoda)}[name]
                 sync(device)
                 t = time.perf_counter()
-                sample_loop(denoise, sample_schedule, cond, att, cfg, torch.Generator(device).manual_seed(0))
+                outputs[name] = sample_loop(fn, sample_schedule, cond, att, cfg, torch.Generator(device).manual_seed(0),
+                                            pass_mask=name == 'sparse')
                 sync(device)
                 sample_times[name].append(time.perf_counter() - t)
+                if name == 'sparse':
+                    sparse_stats = sparse.stats
         sync(device)
         t = time.perf_counter()
         for _ in range(5):
@@ -110,6 +127,10 @@ def main(argv=None):
         sync(device)
         forward = (time.perf_counter() - t) / 5
     samp_v, samp_y = statistics.median(sample_times['vanilla']), statistics.median(sample_times['yoda'])
+    samp_s = statistics.median(sample_times['sparse'])
+    mse = float(((outputs['sparse'] - outputs['yoda']) / 2).pow(2).mean())  # images in [-1, 1] -> [0, 1]
+    psnr = float('inf') if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+    evaluated = sparse_stats['pixels'] / sparse_stats['dense_pixels']
     share = float(pixel_update_ratio(att, args.lower_bound, sample_schedule.timesteps, 500).mean())
 
     params = sum(p.numel() for p in net.parameters()) / 1e6
@@ -121,6 +142,11 @@ def main(argv=None):
     print(f'| dense sampling, {args.sample_steps} steps, s (median of 3) | {samp_v:.3f} | {samp_y:.3f} | '
           f'{samp_y / samp_v:.3f} |')
     print(f'| pixel updates (share of full diffusion), l={args.lower_bound} | 1.000 | {share:.3f} | {share:.3f} |')
+    print(f'| sparse YODA sampling (margin {args.margin}), s | {samp_v:.3f} | {samp_s:.3f} | {samp_s / samp_v:.3f} |')
+    print(f'| sparse / dense YODA sampling time | | | {samp_s / samp_y:.3f} |')
+    print(f'| network pixels evaluated by sparse sampling (vs dense) | | | {evaluated:.3f} |')
+    print(f'| PSNR sparse vs dense YODA output, dB{" (random weights)" if not args.checkpoint else ""} | | | '
+          f'{psnr:.2f} |')
     print(f'| network forward, batch 1, s | {forward:.4f} | | |')
     return 0
 

@@ -18,7 +18,7 @@ from yoda_plugin.attention import ATTENTION_SOURCES, build_attention_source, bui
 from yoda_plugin.attention.dino import (OFFICIAL_WEIGHTS, WEIGHTS_ENV_VARS, DinoResNet50Attention, DinoViTS8Attention,
                                         UnsafeCheckpointError, aggregate_heads, extract_backbone_state_dict,
                                         load_checkpoint, minmax_normalize, network_input_size, resnet50_backbone,
-                                        resolve_weights, vit_small_patch8)
+                                        resolve_weights, tile_windows, vit_small_patch8)
 
 VIT_FILE = OFFICIAL_WEIGHTS['dino_vits8']
 RESNET_FILE = OFFICIAL_WEIGHTS['dino_resnet50']
@@ -356,7 +356,8 @@ def test_registered_and_config_round_trip(weights, monkeypatch):
                                  resize='fixed', input_size=(96, 64), device='cpu', max_batch=2)
     cfg = att.config()
     assert cfg == {'name': 'dino_resnet50', 'heads': 'avg', 'weights': RESNET_FILE, 'layer': 'layer3',
-                   'num_heads': 4, 'reduction': 'norm', 'resize': 'fixed', 'input_size': [96, 64], 'multiple': 32}
+                   'num_heads': 4, 'reduction': 'norm', 'resize': 'fixed', 'input_size': [96, 64], 'multiple': 32,
+                   'tile': None, 'tile_overlap': None}
     again = build_attention_source_from_config(cfg)  # the bare file name is found through the env var
     assert again.config() == cfg
     img = _image(40, 30)
@@ -460,3 +461,116 @@ def test_batch_stacks_equal_sizes_and_matches_single_calls(vit_source):
         assert amap.dtype == np.float32
         np.testing.assert_allclose(amap, vit_source(img), atol=1e-5)
     assert vit_source.batch([]) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tiling (large inputs)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _patch_local_grid_maps(cell):
+    """A stand-in network whose grid value depends only on its own cell: per-cell channel means and squares."""
+    def grid_maps(x):
+        pooled = F.avg_pool2d(x, cell)
+        return torch.cat([pooled, pooled ** 2], dim=1)  # 6 "heads"
+    return grid_maps
+
+
+@pytest.mark.parametrize('length,tile,overlap', [(64, 28, 7), (42, 28, 7), (10, 4, 1), (11, 7, 1), (5, 7, 2),
+                                                  (20, 8, 0), (100, 28, 27)])
+def test_tile_windows_cover_every_cell_with_positive_weight(length, tile, overlap):
+    windows = tile_windows(length, tile, overlap)
+    total = np.zeros(length)
+    for i, (start, weights) in enumerate(windows):
+        assert len(weights) == min(tile, length) and np.all(weights > 0) and np.all(weights <= 1)
+        total[start:start + len(weights)] += weights
+        if i:  # neighbours overlap by at least `overlap` cells
+            prev_start, prev_weights = windows[i - 1]
+            assert prev_start + len(prev_weights) - start >= overlap
+    assert windows[0][0] == 0 and windows[-1][0] + len(windows[-1][1]) == length
+    assert np.all(total >= 1.0 - 1e-6)
+    # exact partition of unity where two windows overlap by exactly `overlap` cells
+    np.testing.assert_allclose(tile_windows(3 * 8 - 2 * 2, 8, 2)[1][1][:2] + tile_windows(20, 8, 2)[0][1][-2:],
+                               [1.0, 1.0], atol=1e-6)
+    with pytest.raises(ValueError):
+        tile_windows(10, 4, 4)
+
+
+def test_tile_option_validation_and_config(weights):
+    path = str(weights['files']['dino_vits8']['plain'])
+    for bad in ({'tile': 20}, {'tile': 0}, {'tile': True}, {'tile': 64, 'tile_overlap': 64},
+                {'tile': 64, 'tile_overlap': 12}, {'tile_overlap': 8}):
+        with pytest.raises(ValueError, match='tile'):
+            DinoViTS8Attention(weights=path, **bad)
+    att = DinoViTS8Attention(weights=path, resize='none', tile=224)
+    assert att.tile == 224 and att.tile_overlap == 56  # default: tile // 4, on the 8 px patch grid
+    cfg = att.config()
+    assert cfg['tile'] == 224 and cfg['tile_overlap'] == 56 and cfg['resize'] == 'none'
+    assert build_attention_source_from_config({**cfg, 'weights': path}).config() == cfg
+    assert DinoViTS8Attention(weights=path).config()['tile'] is None  # off by default
+    rpath = str(weights['files']['dino_resnet50']['plain'])
+    res = DinoResNet50Attention(weights=rpath, resize='none', tile=224)
+    assert res.grid_stride == 32 and res.tile_overlap == 32  # rounded down to the layer4 stride
+    assert DinoResNet50Attention(weights=rpath, layer='layer3', tile=48).tile_overlap == 0
+    with pytest.raises(ValueError, match='tile'):
+        DinoResNet50Attention(weights=rpath, tile=48)  # not a multiple of 32
+    with pytest.raises(ValueError, match='multiple'):
+        DinoResNet50Attention(weights=rpath, multiple=16, tile=64)
+    # DIV2K LR at x4, (H, W) = (339, 510): 2 x 3 windows of 224 for both networks
+    assert len(att.tile_boxes(339, 510)) == 6 and len(res.tile_boxes(339, 510)) == 6
+    assert DinoViTS8Attention(weights=path).tile_boxes(339, 510) == [(0, 0, 224, 336)]
+
+
+@pytest.mark.parametrize('source', ['dino_vits8', 'dino_resnet50'])
+def test_tiled_maps_have_image_size_and_unit_range(weights, source):
+    cls, tile = SOURCES[source], {'dino_vits8': 32, 'dino_resnet50': 64}[source]
+    att = cls(weights=str(weights['files'][source]['plain']), resize='none', tile=tile, tile_overlap=tile // 2)
+    img = _image(100, 76, seed=4)
+    assert len(att.tile_boxes(100, 76)) > 1
+    amap = att(img)
+    assert amap.shape == (100, 76) and amap.dtype == np.float32
+    assert amap.min() == 0.0 and amap.max() == 1.0
+    heads = att.head_maps(img)
+    assert heads.shape == (att.num_heads, 100, 76) and heads.min() >= 0.0 and heads.max() <= 1.0
+    np.testing.assert_allclose(amap, aggregate_heads(heads, 'max'), atol=1e-6)
+    # batching stacks the windows of several images and gives the same maps
+    images = [img, _image(100, 76, seed=5)]
+    for got, image in zip(att.batch(images), images):
+        np.testing.assert_allclose(got, att(image), atol=1e-5)
+
+
+def test_tile_larger_than_image_equals_untiled(weights):
+    path = str(weights['files']['dino_vits8']['plain'])
+    img = _image(64, 48, seed=6)
+    plain = DinoViTS8Attention(weights=path, resize='none')
+    for tile in (64, 224):
+        tiled = DinoViTS8Attention(weights=path, resize='none', tile=tile)
+        assert tiled.tile_boxes(64, 48) == [(0, 0, 64, 48)]
+        np.testing.assert_array_equal(tiled.head_maps(img), plain.head_maps(img))
+    # default resize (short side 224) with a 224 tile on a square image: one window, same maps
+    square = _image(40, 40, seed=7)
+    np.testing.assert_array_equal(DinoViTS8Attention(weights=path, tile=224)(square),
+                                  DinoViTS8Attention(weights=path)(square))
+
+
+@pytest.mark.parametrize('source,tile,overlap', [('dino_vits8', 32, 8), ('dino_vits8', 24, 0),
+                                                 ('dino_vits8', 40, 32), ('dino_resnet50', 64, 32)])
+def test_blending_has_no_seams_for_a_patch_local_network(weights, source, tile, overlap):
+    """Windows start on the feature grid: a network whose cells only see their own patch gives the untiled map
+    exactly, whatever the windows and weights; any seam or misplaced window would show up here."""
+    path = str(weights['files'][source]['plain'])
+    tiled = SOURCES[source](weights=path, resize='none', tile=tile, tile_overlap=overlap)
+    plain = SOURCES[source](weights=path, resize='none')
+    for att in (tiled, plain):
+        att._grid_maps = _patch_local_grid_maps(att.grid_stride)
+    img = _image(96, 136, seed=8)
+    assert len(tiled.tile_boxes(96, 136)) >= 4
+    np.testing.assert_allclose(tiled.head_maps(img), plain.head_maps(img), atol=1e-5)
+    # a constant network: the blend divides by the summed window weights, so it is constant too (no seam where
+    # the number of overlapping windows changes)
+    s = tiled.grid_stride
+    tiled._grid_maps = lambda x: torch.full((x.shape[0], 6, x.shape[-2] // s, x.shape[-1] // s), 0.7)
+    h, w = tiled.network_input_size(96, 136)
+    grid = tiled._tiled_grid_maps(torch.rand(2, 3, h, w))
+    assert grid.shape == (2, 6, h // s, w // s)
+    torch.testing.assert_close(grid, torch.full_like(grid, 0.7), rtol=0, atol=1e-6)

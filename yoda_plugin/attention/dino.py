@@ -32,6 +32,27 @@ Common pipeline, per image (the LR image, as in the paper):
    or ``(height, width)``), ``resize='none'`` keeps the size and only rounds
    each side to a multiple. Rounding is done by resizing, never by cropping,
    so the maps always cover the whole image.
+   **Tiling** (``tile``/``tile_overlap``, off by default): when the resized
+   input is larger than ``tile`` pixels along a side, the network does not see
+   it at once but in overlapping ``tile`` x ``tile`` windows (a window spans
+   the whole side where that side is not longer than ``tile``), each at
+   DINO's native scale (``tile=224``: one window is exactly what the teacher
+   saw in training, with its trained positional embeddings). The raw head maps
+   of the windows are blended on the feature grid of the whole input with
+   linear ramps over ``tile_overlap`` pixels (see :func:`tile_windows`; the
+   weights of two windows overlapping by exactly ``tile_overlap`` sum to 1) and
+   then go through step 3 like an untiled map, so every map is normalised once,
+   over the whole image. Windows start on the feature grid, so a network whose
+   grid value only depends on its own patch gives exactly the untiled map.
+   Why off by default: the paper's LR images (16x16, 64x64 faces) are far
+   smaller than 224, so there is nothing to tile; they need the upscaling of
+   ``short_side``. For large inputs (DIV2K LR, (H, W) = (339, 510) at x4 or
+   (678, 1020) at x2) the default scales the short side down to 224 and
+   ResNet-50's layer4 grid becomes 7x11 cells for either; ``resize='none',
+   tile=224`` keeps the image's own pixels (layer4 grids of 11x16 at x4 and
+   21x32 at x2, ViT grids of 42x64 and 85x128), at the cost of one forward
+   pass per window (6 at x4, 24 at x2, with the default overlap). That is the
+   recommended setting for DIV2K-size images.
 2. **ImageNet normalisation** (mean 0.485, 0.456, 0.406; std 0.229, 0.224,
    0.225), as in DINO's training and evaluation.
 3. **Head maps** on the feature grid, **bilinear upsampling** to the original
@@ -86,7 +107,7 @@ __all__ = [
     'VisionTransformer', 'vit_small_patch8', 'resnet50_backbone', 'aggregate_heads', 'minmax_normalize',
     'resolve_weights', 'load_checkpoint', 'extract_backbone_state_dict', 'load_backbone_weights',
     'UnsafeCheckpointError', 'DinoViTS8Attention', 'DinoResNet50Attention', 'OFFICIAL_WEIGHTS', 'WEIGHTS_ENV_VARS',
-    'IMAGENET_MEAN', 'IMAGENET_STD', 'RESIZE_POLICIES', 'AGGREGATIONS'
+    'IMAGENET_MEAN', 'IMAGENET_STD', 'RESIZE_POLICIES', 'AGGREGATIONS', 'tile_windows'
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -614,6 +635,61 @@ def _check_resize(resize, input_size, multiple) -> Tuple[str, Union[int, Tuple[i
     return resize, input_size, int(multiple)
 
 
+def tile_windows(length: int, tile: int, overlap: int) -> List[Tuple[int, np.ndarray]]:
+    """Windows along one axis of ``length`` cells: ``[(start, weights), ...]``, ``weights`` of ``min(tile, length)``.
+
+    One window ``[0, length)`` when ``length <= tile``. Otherwise ``n = ceil((length - tile) / (tile - overlap)) + 1``
+    windows of ``tile`` cells with evenly spread starts (rounded to whole cells), the first at 0, the last ending
+    at ``length``; neighbours overlap by at least ``overlap`` cells. Blending weights: 1, except on a side that
+    has a neighbour, where they ramp linearly over ``overlap`` cells, ``(j + 0.5) / overlap`` for the j-th cell
+    from that side; so where two windows overlap by exactly ``overlap`` cells their weights sum to 1, and no
+    weight is 0 (every cell is covered with a positive total weight). ``overlap = 0`` gives weight 1 everywhere.
+    """
+    for name, value in (('length', length), ('tile', tile), ('overlap', overlap)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f'{name} must be an int, got {value!r}')
+    if length < 1 or tile < 1 or not 0 <= overlap < tile:
+        raise ValueError(f'need length >= 1, tile >= 1 and 0 <= overlap < tile, got {length}, {tile}, {overlap}')
+    if length <= tile:
+        return [(0, np.ones(length, np.float32))]
+    n = -(-(length - tile) // (tile - overlap)) + 1
+    starts = [(2 * i * (length - tile) + (n - 1)) // (2 * (n - 1)) for i in range(n)]  # round(i (L - T) / (n - 1))
+    ramp = (np.arange(overlap, dtype=np.float64) + 0.5) / overlap if overlap else np.zeros(0)
+    windows = []
+    for i, start in enumerate(starts):
+        weights = np.ones(tile, np.float64)
+        if overlap and i > 0:
+            weights[:overlap] = ramp
+        if overlap and i < n - 1:
+            weights[tile - overlap:] = np.minimum(weights[tile - overlap:], ramp[::-1])
+        windows.append((start, weights.astype(np.float32)))
+    return windows
+
+
+def _check_tile(tile, tile_overlap, cell: int, multiple: int) -> Tuple[Optional[int], Optional[int]]:
+    """Validate ``tile``/``tile_overlap`` (pixels of the network input) for a feature grid of ``cell`` pixels."""
+    def is_int(v):
+        return not isinstance(v, bool) and isinstance(v, numbers.Integral)
+
+    if tile is None:
+        if tile_overlap is not None:
+            raise ValueError(f'tile_overlap={tile_overlap!r} needs tile (tiling is off with tile=None)')
+        return None, None
+    if not is_int(tile) or tile < cell or tile % cell:
+        raise ValueError(f'tile must be None or a positive multiple of the feature grid stride {cell} pixels, '
+                         f'got {tile!r}')
+    if multiple % cell:
+        raise ValueError(f'tiling needs input sides that are multiples of the feature grid stride {cell}: '
+                         f'multiple={multiple} is not')
+    tile = int(tile)
+    if tile_overlap is None:
+        tile_overlap = (tile // 4) // cell * cell
+    if not is_int(tile_overlap) or not 0 <= tile_overlap < tile or tile_overlap % cell:
+        raise ValueError(f'tile_overlap must be a multiple of the feature grid stride {cell} pixels in '
+                         f'[0, tile={tile}), got {tile_overlap!r}')
+    return tile, int(tile_overlap)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Attention sources
 # --------------------------------------------------------------------------------------------------------------
@@ -625,7 +701,8 @@ class _DinoAttentionSource(AttentionSource):
     ``config()`` holds the name and every constructor parameter that changes the maps, with ``weights`` as the
     file name only (no folder: maps do not depend on where the file lies, and the name is found again through
     the environment variable or the hub folder by ``build_attention_source_from_config``). ``device`` and
-    ``max_batch`` are left out: they change where and how fast maps are computed, not what they are.
+    ``max_batch`` are left out: they change where and how fast maps are computed, not what they are. ``tile``
+    and ``tile_overlap`` are kept (``None`` when tiling is off; the overlap as resolved from its default).
     """
 
     name = ''
@@ -635,13 +712,15 @@ class _DinoAttentionSource(AttentionSource):
 
     def __init__(self, heads: Union[str, int] = 'max', weights: Optional[Union[str, os.PathLike]] = None,
                  device: Union[str, torch.device] = 'cpu', resize: str = 'short_side',
-                 input_size: Union[int, Sequence[int]] = 224, multiple: Optional[int] = None, max_batch: int = 8):
+                 input_size: Union[int, Sequence[int]] = 224, multiple: Optional[int] = None, max_batch: int = 8,
+                 tile: Optional[int] = None, tile_overlap: Optional[int] = None):
         self.resize, self.input_size, self.multiple = _check_resize(
             resize, input_size, self.default_multiple if multiple is None else multiple)
         if isinstance(max_batch, bool) or not isinstance(max_batch, numbers.Integral) or max_batch < 1:
             raise ValueError(f'max_batch must be a positive int, got {max_batch!r}')
         self.max_batch = int(max_batch)
         self._validate_options()
+        self.tile, self.tile_overlap = _check_tile(tile, tile_overlap, self.grid_stride, self.multiple)
         self.heads = _check_heads(heads, self.num_heads)
         self.device = torch.device(device)
         self.weights_path = resolve_weights(self.name, weights)
@@ -664,6 +743,11 @@ class _DinoAttentionSource(AttentionSource):
         """Normalised network input (B, 3, h, w) -> raw head maps (B, num_heads, gh, gw)."""
         raise NotImplementedError
 
+    @property
+    def grid_stride(self) -> int:
+        """Pixels of network input per cell of the head-map grid (the ViT patch size, the ResNet stage stride)."""
+        return self.default_multiple
+
     # -- pipeline ----------------------------------------------------------------------------------------------
     def network_input_size(self, height: int, width: int) -> Tuple[int, int]:
         """Input size (h, w) the network sees for an image of (height, width)."""
@@ -681,9 +765,59 @@ class _DinoAttentionSource(AttentionSource):
             x = F.interpolate(x, size=size, mode='bicubic', align_corners=False,
                               antialias=size[0] < height or size[1] < width).clamp_(0.0, 1.0)
         x = (x - self._mean) / self._std
-        grid_maps = self._grid_maps(x).float()
+        if self.tile is not None and (size[0] > self.tile or size[1] > self.tile):
+            grid_maps = self._tiled_grid_maps(x)
+        else:
+            grid_maps = self._grid_maps(x).float()
         maps = F.interpolate(grid_maps, size=(height, width), mode='bilinear', align_corners=False)
         return minmax_normalize(maps).cpu()
+
+    def tile_boxes(self, height: int, width: int) -> List[Tuple[int, int, int, int]]:
+        """Windows ``(top, left, h, w)``, in network-input pixels, for an image of (height, width).
+
+        A single box covering the whole input when tiling is off or the input is not larger than ``tile``.
+        """
+        size = self.network_input_size(height, width)
+        if self.tile is None or (size[0] <= self.tile and size[1] <= self.tile):
+            return [(0, 0, size[0], size[1])]
+        s = self.grid_stride
+        rows = tile_windows(size[0] // s, self.tile // s, self.tile_overlap // s)
+        cols = tile_windows(size[1] // s, self.tile // s, self.tile_overlap // s)
+        return [(top * s, left * s, len(wy) * s, len(wx) * s) for top, wy in rows for left, wx in cols]
+
+    def _tiled_grid_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw head maps on the feature grid of the whole input (B, 3, H, W), blended from overlapping windows.
+
+        Windows are cut at multiples of ``grid_stride``, so window cell (i, j) is input cell (top + i, left + j);
+        each window's raw maps are weighted by the outer product of its :func:`tile_windows` ramps, summed and
+        divided by the summed weights. All windows of all images go through the network in chunks of at most
+        ``max_batch``.
+        """
+        b, _, height, width = x.shape
+        s = self.grid_stride
+        if height % s or width % s:
+            raise RuntimeError(f'network input {(height, width)} is not a multiple of the grid stride {s}')
+        rows = tile_windows(height // s, self.tile // s, self.tile_overlap // s)
+        cols = tile_windows(width // s, self.tile // s, self.tile_overlap // s)
+        th, tw = len(rows[0][1]), len(cols[0][1])
+        boxes = [(top, left, torch.from_numpy(np.outer(wy, wx))) for top, wy in rows for left, wx in cols]
+        crops = torch.stack([x[:, :, top * s:(top + th) * s, left * s:(left + tw) * s] for top, left, _ in boxes],
+                            dim=1).flatten(0, 1)  # (B * n, 3, th * s, tw * s), image-major
+        outputs = []
+        for start in range(0, crops.shape[0], self.max_batch):
+            out = self._grid_maps(crops[start:start + self.max_batch]).float()
+            if tuple(out.shape[-2:]) != (th, tw):
+                raise RuntimeError(f'{type(self).__name__} returned a {tuple(out.shape[-2:])} grid for a '
+                                   f'{(th * s, tw * s)} window; expected {(th, tw)}')
+            outputs.append(out)
+        grid = torch.cat(outputs).reshape(b, len(boxes), -1, th, tw)
+        acc = torch.zeros(b, grid.shape[2], height // s, width // s, device=grid.device)
+        total = torch.zeros(height // s, width // s, device=grid.device)
+        for i, (top, left, weight) in enumerate(boxes):
+            weight = weight.to(grid.device)
+            acc[:, :, top:top + th, left:left + tw] += grid[:, i] * weight
+            total[top:top + th, left:left + tw] += weight
+        return acc / total
 
     def _run(self, prepared: Sequence[np.ndarray]) -> List[torch.Tensor]:
         """Head maps for prepared images; images of one size are stacked, at most ``max_batch`` at a time."""
@@ -742,7 +876,11 @@ class DinoViTS8Attention(_DinoAttentionSource):
         device: ``'cpu'`` or ``'cuda'`` (any torch device).
         resize / input_size / multiple: input size policy, default short side 224 and sides rounded to a multiple
             of 8 (the patch size; ``multiple`` must be a multiple of 8). See the module docstring.
-        max_batch: most images of one size stacked into one forward pass.
+        max_batch: most images of one size (or windows, when tiling) stacked into one forward pass.
+        tile / tile_overlap: sliding windows for large inputs (module docstring, step 1). ``tile=None``
+            (default) is off; ``tile`` is the window side in network-input pixels, a multiple of 8 (224: DINO's
+            training crop); ``tile_overlap`` a multiple of 8 below ``tile``, default ``tile // 4`` rounded down
+            to a multiple of 8 (56 for 224). For DIV2K-size images use ``resize='none', tile=224``.
     """
 
     name = 'dino_vits8'
@@ -764,6 +902,7 @@ class DinoViTS8Attention(_DinoAttentionSource):
 
 
 _RESNET_LAYERS = {'layer1': 256, 'layer2': 512, 'layer3': 1024, 'layer4': 2048}
+_RESNET_STRIDES = {'layer1': 4, 'layer2': 8, 'layer3': 16, 'layer4': 32}
 _RESNET_REDUCTIONS = ('mean', 'norm')
 
 
@@ -795,6 +934,9 @@ class DinoResNet50Attention(_DinoAttentionSource):
         reduction: ``'mean'`` (default) or ``'norm'``.
         device, resize, input_size, multiple (default 32, the stride of layer4), max_batch: as for
             :class:`DinoViTS8Attention`.
+        tile / tile_overlap: as for :class:`DinoViTS8Attention`, but in multiples of the stride of ``layer``
+            (:attr:`grid_stride`, 32 for layer4); the default overlap ``tile // 4`` is rounded down to such a
+            multiple (32 for ``tile=224`` with layer4). ``multiple`` must be a multiple of that stride too.
     """
 
     name = 'dino_resnet50'
@@ -803,7 +945,8 @@ class DinoResNet50Attention(_DinoAttentionSource):
     def __init__(self, heads: Union[str, int] = 'max', weights: Optional[Union[str, os.PathLike]] = None,
                  device: Union[str, torch.device] = 'cpu', layer: str = 'layer4', num_heads: int = 6,
                  reduction: str = 'mean', resize: str = 'short_side', input_size: Union[int, Sequence[int]] = 224,
-                 multiple: Optional[int] = None, max_batch: int = 8):
+                 multiple: Optional[int] = None, max_batch: int = 8, tile: Optional[int] = None,
+                 tile_overlap: Optional[int] = None):
         if layer not in _RESNET_LAYERS:
             raise ValueError(f'layer must be one of {tuple(_RESNET_LAYERS)}, got {layer!r}')
         if reduction not in _RESNET_REDUCTIONS:
@@ -815,7 +958,12 @@ class DinoResNet50Attention(_DinoAttentionSource):
         self.reduction = reduction
         self.num_heads = int(num_heads)
         super().__init__(heads=heads, weights=weights, device=device, resize=resize, input_size=input_size,
-                         multiple=multiple, max_batch=max_batch)
+                         multiple=multiple, max_batch=max_batch, tile=tile, tile_overlap=tile_overlap)
+
+    @property
+    def grid_stride(self) -> int:
+        """Total stride of stage ``layer``: 4, 8, 16 or 32 pixels."""
+        return _RESNET_STRIDES[self.layer]
 
     def _build_model(self) -> nn.Module:
         return resnet50_backbone()

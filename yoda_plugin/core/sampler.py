@@ -217,11 +217,15 @@ def sample_loop(denoise_fn: DenoiseFn,
                 clip_range: Optional[Tuple[float, float]] = (-1.0, 1.0),
                 variance: str = 'posterior',
                 progress: bool = False,
-                callback: Optional[Callable[[int, torch.Tensor, Optional[torch.Tensor]], None]] = None) -> torch.Tensor:
+                callback: Optional[Callable[[int, torch.Tensor, Optional[torch.Tensor]], None]] = None,
+                pass_mask: bool = False) -> torch.Tensor:
     """Run the reverse process from k = K to 0 on ``schedule``'s grid.
 
     ``denoise_fn(z_in, k)`` returns the predicted noise for the network input
-    ``z_in`` at steps ``k`` (B,). ``lr_mean`` fixes the output shape and is the
+    ``z_in`` at steps ``k`` (B,); with ``pass_mask`` it is called as
+    ``denoise_fn(z_in, k, mask_k)`` (see :class:`.sparse.SparseDenoiser`). With
+    YODA, a step whose mask is empty calls no network: Eq. 14 keeps only the
+    noisy-LR component there, whatever the prediction. ``lr_mean`` fixes the output shape and is the
     mean of the unrefined component (x for SR3, zeros for SRDiff). With YODA
     (``cfg.enabled`` and ``attention`` given) the mask of step k is Eq. 9 at
     the training time step ``schedule.timesteps[k]``. ``callback(k, z_{k-1},
@@ -247,7 +251,12 @@ def sample_loop(denoise_fn: DenoiseFn,
             z_in = z * mask if cfg.mask_network_input else z  # Eq. 11
         else:
             z_in = z
-        eps = denoise_fn(z_in, kt)
+        if yoda and not bool(mask.any()):
+            eps = torch.zeros_like(z)  # nothing to refine at this step
+        elif pass_mask:
+            eps = denoise_fn(z_in, kt, mask)
+        else:
+            eps = denoise_fn(z_in, kt)
         noise = _randn_like(z, generator)
         z = masked_reverse_step(schedule, z, kt, eps, noise, mask, lr_mean, lr_noise, clip_range, variance)
         if callback is not None:

@@ -21,7 +21,8 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 from tqdm import tqdm
 
-from yoda_plugin.core import DiffusionSchedule, YODAConfig, pixel_update_ratio, sample_loop, training_inputs
+from yoda_plugin.core import (DiffusionSchedule, SparseDenoiser, YODAConfig, pixel_update_ratio, sample_loop,
+                              training_inputs)
 from yoda_plugin.core.sampler import VARIANCE_TYPES
 from yoda_plugin.core.schedule import make_beta_schedule
 
@@ -39,7 +40,8 @@ DIFFUSION_DEFAULTS = {
     'continuous_noise_level': True,
 }
 VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'sample_seed', 'progress', 'tb_images',
-            'save_attention'}
+            'save_attention', 'sparse'}
+SPARSE_DEFAULTS = {'enabled': False, 'margin': 32, 'max_fraction': 0.7}
 
 
 def atomic_torch_save(obj, path: str):
@@ -235,11 +237,36 @@ class SR3Model(SRModel):
             return self._denoise(net, z_in, schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
 
         clip = (-1.0, 1.0) if self.diffusion_opt['clip_denoised'] else None
+        sparse = self.sparse_options()
+        pass_mask = False
+        if sparse['enabled'] and self.yoda.enabled:
+            cond = self.lq_up * 2 - 1
+
+            def net_fn(z_in, k, box):
+                c = cond if box is None else cond[..., box[0]:box[1], box[2]:box[3]]
+                return net(z_in, c, schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
+
+            denoise = SparseDenoiser(net_fn, sparse['margin'], self.downsampling_factor(), sparse['max_fraction'])
+            self.sparse_stats = denoise.stats
+            pass_mask = True
         z = sample_loop(denoise, schedule, self.lq_up * 2 - 1, self.attention if self.yoda.enabled else None,
-                        self.yoda, generator, clip, self.diffusion_opt['variance'], progress, callback)
+                        self.yoda, generator, clip, self.diffusion_opt['variance'], progress, callback, pass_mask)
         if was_training:
             net.train()
         return ((z + 1) / 2).clamp(0, 1)
+
+    def sparse_options(self) -> dict:
+        """``val.sparse``: crop the network input to the active mask region (approximate for the UNet)."""
+        opt = dict((self.opt.get('val') or {}).get('sparse') or {})
+        unknown = sorted(set(opt) - set(SPARSE_DEFAULTS))
+        if unknown:
+            raise ValueError(f'unknown option(s) {["val.sparse." + k for k in unknown]}; known: {sorted(SPARSE_DEFAULTS)}')
+        return {**SPARSE_DEFAULTS, **opt}
+
+    def downsampling_factor(self) -> int:
+        """Crops for the UNet must be multiples of its total downsampling."""
+        mults = self.opt['network_g'].get('channel_mults', (1, 2, 4, 8, 8))
+        return 2**(len(mults) - 1)
 
     def test(self, seed=None):
         val_opt = self.opt.get('val') or {}
