@@ -40,7 +40,7 @@ DIFFUSION_DEFAULTS = {
     'continuous_noise_level': True,
 }
 VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'sample_seed', 'progress', 'tb_images',
-            'save_attention', 'sparse'}
+            'save_attention', 'sparse', 'amp'}
 SPARSE_DEFAULTS = {'enabled': False, 'margin': 32, 'max_fraction': 0.7}
 
 
@@ -133,6 +133,9 @@ class SR3Model(SRModel):
             mask_network_input. Absent or ``enabled: false``: vanilla SR3.
         train.nan_policy: ``raise`` (default) stops on a non-finite loss naming
             the iteration; ``skip`` drops that step.
+        train.amp / val.amp: autocast dtype of the network, null (float32),
+            ``bf16`` or ``fp16`` (CUDA, with a GradScaler); the loss and the
+            diffusion arithmetic stay float32.
         val.sample_seed: seed of the sampling noise (image i uses seed + i),
             so validations at different iterations are comparable.
         val.progress: tqdm bar over sampling steps. val.tb_images: how many
@@ -151,6 +154,9 @@ class SR3Model(SRModel):
         if unknown_val:
             raise ValueError(f'unknown option(s) {["val." + k for k in unknown_val]}; known: {sorted(VAL_KEYS)}')
         super().__init__(opt)
+        self.sparse_options()  # unknown val.sparse keys fail now, not at the first validation
+        for phase in ('train', 'val'):
+            self.amp_dtype(phase)  # bad amp values fail now too
         logger = get_root_logger()
         logger.info(f'Diffusion: train {self.schedule}, sample {self.sample_schedule}; '
                     f'YODA: {self.yoda.as_dict() if self.yoda.enabled else "off (vanilla SR3)"}')
@@ -187,8 +193,27 @@ class SR3Model(SRModel):
                              'set dataroot_attention in the dataset options')
 
     # -- training ----------------------------------------------------------------------------------
-    def _denoise(self, net, z_in, noise_level):
-        return net(z_in, self.lq_up * 2 - 1, noise_level)
+    def _denoise(self, net, z_in, noise_level, cond=None):
+        """The network's noise prediction, under ``train.amp`` / ``val.amp`` autocast, as float32."""
+        cond = self.lq_up * 2 - 1 if cond is None else cond
+        dtype = self.amp_dtype('train' if net.training else 'val')
+        if dtype is None:
+            return net(z_in, cond, noise_level)
+        with torch.autocast(self.device.type, dtype=dtype):
+            return net(z_in, cond, noise_level).float()
+
+    def amp_dtype(self, phase: str):
+        """``train.amp`` / ``val.amp``: null (float32), ``bf16`` or ``fp16`` (CUDA only, with a GradScaler)."""
+        section = self.opt.get(phase) or {}
+        value = section.get('amp')
+        if value in (None, False, 'none'):
+            return None
+        dtypes = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+        if value not in dtypes:
+            raise ValueError(f'{phase}.amp must be null, bf16 or fp16, got {value!r}')
+        if value == 'fp16' and self.device.type != 'cuda':
+            raise ValueError(f'{phase}.amp: fp16 needs CUDA; use bf16 on the CPU')
+        return dtypes[value]
 
     def optimize_parameters(self, current_iter):
         self.optimizer_g.zero_grad(set_to_none=True)
@@ -207,8 +232,15 @@ class SR3Model(SRModel):
                 return
             raise FloatingPointError(msg + '; weights were not updated. Lower the learning rate or set '
                                      'train.nan_policy: skip')
-        l_pix.backward()
-        self.optimizer_g.step()
+        if self.amp_dtype('train') == torch.float16:
+            if not hasattr(self, 'grad_scaler'):
+                self.grad_scaler = torch.amp.GradScaler('cuda')
+            self.grad_scaler.scale(l_pix).backward()
+            self.grad_scaler.step(self.optimizer_g)
+            self.grad_scaler.update()
+        else:
+            l_pix.backward()
+            self.optimizer_g.step()
         loss_dict = OrderedDict(l_pix=l_pix.detach())
         if inputs['mask'] is not None:
             loss_dict['mask_ratio'] = inputs['mask'].mean().detach()
@@ -244,7 +276,7 @@ class SR3Model(SRModel):
 
             def net_fn(z_in, k, box):
                 c = cond if box is None else cond[..., box[0]:box[1], box[2]:box[3]]
-                return net(z_in, c, schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
+                return self._denoise(net, z_in, schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1), c)
 
             denoise = SparseDenoiser(net_fn, sparse['margin'], self.downsampling_factor(), sparse['max_fraction'])
             self.sparse_stats = denoise.stats
