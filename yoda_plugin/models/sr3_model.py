@@ -157,6 +157,10 @@ class SR3Model(SRModel):
         self.sparse_options()  # unknown val.sparse keys fail now, not at the first validation
         for phase in ('train', 'val'):
             self.amp_dtype(phase)  # bad amp values fail now too
+        for name, metric in ((opt.get('val') or {}).get('metrics') or {}).items():
+            if metric.get('type') == 'calculate_lpips':  # a missing backbone fails now, not after sampling
+                from yoda_plugin.metrics.lpips_metric import resolve_alexnet_weights
+                resolve_alexnet_weights(metric.get('weights'))
         logger = get_root_logger()
         logger.info(f'Diffusion: train {self.schedule}, sample {self.sample_schedule}; '
                     f'YODA: {self.yoda.as_dict() if self.yoda.enabled else "off (vanilla SR3)"}')
