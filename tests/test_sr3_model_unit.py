@@ -56,3 +56,11 @@ def test_sparse_sampling_in_the_model_runs_and_counts(tiny_data):
     assert model.sparse_stats['calls'] > 0
     with pytest.raises(ValueError, match='val.sparse.margn'):
         model_and_batch(tiny_data, val__sparse={'margn': 3})
+
+
+def test_missing_lpips_weights_fail_at_model_setup(tiny_data, monkeypatch, tmp_path):
+    monkeypatch.delenv('YODA_LPIPS_ALEXNET', raising=False)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    metrics = {'lpips': {'type': 'calculate_lpips'}}
+    with pytest.raises(FileNotFoundError, match='alexnet-owt-7be5be79.pth'):
+        model_and_batch(tiny_data, val__metrics=metrics)
