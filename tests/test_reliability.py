@@ -136,3 +136,88 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_data, tmp_path):
     opt['path'] = {'pretrain_network_g': str(other), 'strict_load_g': True}
     with pytest.raises(ValueError, match=r'rrdb\.pth does not fit SR3UNet.*missing key'):
         build_model(opt)
+
+
+def _make_lr_folder(folder, n, size=24):
+    import cv2
+    import numpy as np
+    from conftest import synthetic_image
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        cv2.imwrite(str(folder / f'img_{i:03d}.png'), synthetic_image(rng, size)[:, :, ::-1])
+
+
+def test_precompute_killed_midway_then_rerun_completes(tmp_path):
+    """SIGKILL the attention precompute mid-run; the rerun finishes with every key once and exact values."""
+    import signal
+    import time
+
+    from yoda_plugin.data.attention_lmdb import read_attention_lmdb, read_meta_info
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts',
+                          'precompute_attention.py')
+    _make_lr_folder(tmp_path / 'lr', 400)
+    out, clean = tmp_path / 'att.lmdb', tmp_path / 'clean.lmdb'
+    args = ['--input', str(tmp_path / 'lr'), '--source', 'sift', '--no-progress', '--commit-every', '1']
+    proc = subprocess.Popen([PYTHON, script, '--output', str(out)] + args, env=run_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import lmdb
+
+    def entries():
+        if not (out / 'data.mdb').exists():
+            return 0
+        env = lmdb.open(str(out), readonly=True, lock=False)
+        try:
+            return env.stat()['entries']
+        finally:
+            env.close()
+
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and entries() < 20:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = entries()
+    assert 20 <= written < 400, f'the kill must land mid-run ({written} maps written)'
+    assert not (out / 'meta_info.txt').exists() or len((out / 'meta_info.txt').read_text().splitlines()) < 400
+    for target in (out, clean):
+        done = subprocess.run([PYTHON, script, '--output', str(target)] + args, env=run_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    keys = [k for k, _, _ in read_meta_info(str(out))]
+    assert keys == sorted(set(keys)) and len(keys) == 400
+    for key in keys[::37]:
+        assert (read_attention_lmdb(str(out), key) == read_attention_lmdb(str(clean), key)).all()
+
+
+def test_second_process_writing_the_same_lmdb_is_refused(tmp_path):
+    """A writer holds the folder in one process; a writer in another process is refused, nothing corrupted."""
+    import numpy as np
+
+    from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter, make_attention_meta, read_attention_lmdb
+    path = str(tmp_path / 'att.lmdb')
+    meta = make_attention_meta({'name': 'edge'})
+    with AttentionLMDBWriter(path, meta) as writer:
+        writer.put('a', np.full((4, 4), 0.5, np.float32))
+        code = ('import sys, numpy as np\n'
+                'from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter, make_attention_meta\n'
+                'try:\n'
+                '    AttentionLMDBWriter(sys.argv[1], make_attention_meta({"name": "edge"}))\n'
+                'except Exception as err:\n'
+                '    print(type(err).__name__, err); sys.exit(3)\n')
+        other = subprocess.run([PYTHON, '-c', code, path], env=run_env(), capture_output=True, text=True, timeout=60)
+        assert other.returncode == 3 and 'another process' in other.stdout
+        writer.put('b', np.zeros((4, 4), np.float32))
+    assert float(read_attention_lmdb(path, 'a')[0, 0]) == pytest.approx(0.5, abs=1e-4)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_attention_decoding_fails_clearly(value):
+    from yoda_plugin.data.attention_lmdb import decode_attention
+    try:
+        amap = decode_attention(value, 'fuzzed_key')
+    except ValueError as err:
+        assert 'fuzzed_key' in str(err)
+        return
+    assert amap.dtype.name == 'float32' and amap.ndim == 2

@@ -5,7 +5,8 @@
 1. Builds a small 4x SR dataset from the real photos scikit-image ships
    (random 96x96 training crops, 64x64 validation crops from held-out photos),
    LR by Pillow bicubic, written as BasicSR LMDBs (``datasets/demo``).
-2. Computes edge-based attention maps on the LR images into an attention LMDB.
+2. Computes edge-based attention maps of the LR images into attention LMDBs
+   with ``scripts/precompute_attention.py``, as a user would.
 3. Trains ``options/demo/train_sr3_yoda_demo.yml`` through BasicSR's pipeline
    (with validation), then tests the EMA weights with
    ``options/demo/test_sr3_yoda_demo.yml``.
@@ -51,8 +52,6 @@ def build_demo_data(root, seed=0, train_per_photo=16, val_per_photo=3, force=Fal
     """Write datasets/demo/{train,val}_{hr,lr,attention_edge}.lmdb (and PNG folders) under ``root``."""
     import cv2
 
-    from yoda_plugin.attention import build_attention_source
-    from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter, make_attention_meta
     from yoda_plugin.data.lmdb_images import write_image_lmdb
     from yoda_plugin.data.transforms import bicubic_resize
 
@@ -64,7 +63,6 @@ def build_demo_data(root, seed=0, train_per_photo=16, val_per_photo=3, force=Fal
         import shutil
         shutil.rmtree(out)
     rng = np.random.default_rng(seed)
-    source = build_attention_source('edge')
     for split, photos, size, count in (('train', TRAIN_PHOTOS, 96, train_per_photo), ('val', VAL_PHOTOS, 64,
                                                                                       val_per_photo)):
         hr, lr = {}, {}
@@ -79,10 +77,11 @@ def build_demo_data(root, seed=0, train_per_photo=16, val_per_photo=3, force=Fal
             for key, img in images.items():
                 cv2.imwrite(os.path.join(folder, f'{key}.png'), img[:, :, ::-1])
             write_image_lmdb(os.path.join(out, f'{split}_{kind}.lmdb'), images)
-        with AttentionLMDBWriter(os.path.join(out, f'{split}_attention_edge.lmdb'),
-                                 make_attention_meta(source, grid='lr')) as writer:
-            for key, img in lr.items():
-                writer.put(key, source(img))
+        precompute = [sys.executable, os.path.join(repo_root(), 'scripts', 'precompute_attention.py'), '--input',
+                      os.path.join(out, f'{split}_lr.lmdb'), '--output', os.path.join(out, f'{split}_attention_edge.lmdb'),
+                      '--source', 'edge', '--no-progress']
+        print('[demo] attention maps:', ' '.join(precompute[1:]), flush=True)
+        subprocess.run(precompute, check=True)
     open(done_flag, 'w').close()
     return out
 
@@ -106,12 +105,17 @@ def bicubic_baseline(root, metrics_opt):
     return {name: total / len(keys) for name, total in sums.items()}
 
 
+def repo_root():
+    """The clone the plugin runs from: the demo needs its options/ and scripts/."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(root, 'options', 'demo')):
+        raise FileNotFoundError(f'options/demo not found under {root}: run the demo from a clone of the repository '
+                                '(pip install -e .)')
+    return root
+
+
 def options_dir():
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(os.path.dirname(here), 'options', 'demo')
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f'demo option files not found at {path}: run the demo from a clone of the repository')
-    return path
+    return os.path.join(repo_root(), 'options', 'demo')
 
 
 def main(argv=None):
