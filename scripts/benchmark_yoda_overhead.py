@@ -52,6 +52,8 @@ def main(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--margin', type=int, default=16, help='context margin of sparse sampling (pixels)')
+    p.add_argument('--data-opt', help='an option file whose datasets.train to time (samples/s of LMDB read, decode, '
+                   'augment), e.g. options/demo/train_sr3_yoda_demo.yml after the demo built its data')
     p.add_argument('--checkpoint', help='net_g_*.pth whose params_ema fit --net (e.g. the demo model with '
                    '--net small --size 64) to measure the sparse approximation on trained weights')
     args = p.parse_args(argv)
@@ -133,6 +135,21 @@ def main(argv=None):
     evaluated = sparse_stats['pixels'] / sparse_stats['dense_pixels']
     share = float(pixel_update_ratio(att, args.lower_bound, sample_schedule.timesteps, 500).mean())
 
+    data_rate = None
+    if args.data_opt:
+        from basicsr.data import build_dataset
+
+        from yoda_plugin.utils.options import load_options
+        opt = load_options(args.data_opt)
+        ds_opt = dict(opt['datasets']['train'], phase='train', scale=opt['scale'])
+        dataset = build_dataset(ds_opt)
+        n = min(len(dataset) * 4, 256)
+        dataset[0]
+        t = time.perf_counter()
+        for i in range(n):
+            dataset[i % len(dataset)]
+        data_rate = n / (time.perf_counter() - t)
+
     params = sum(p.numel() for p in net.parameters()) / 1e6
     print(f'\nYODA overhead benchmark: {args.net} SR3 UNet ({params:.1f}M params), {args.size}x{args.size}, '
           f'batch {args.batch}, {device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}')
@@ -148,6 +165,10 @@ def main(argv=None):
     print(f'| PSNR sparse vs dense YODA output, dB{" (random weights)" if not args.checkpoint else ""} | | | '
           f'{psnr:.2f} |')
     print(f'| network forward, batch 1, s | {forward:.4f} | | |')
+    if data_rate is not None:
+        need = args.batch / train_y
+        print(f'| dataloader samples/s, one process ({args.data_opt}) | | {data_rate:.1f} | '
+              f'{data_rate / need:.1f}x the {need:.1f} samples/s training consumes |')
     return 0
 
 
