@@ -153,8 +153,8 @@ def main(argv=None):
     params = sum(p.numel() for p in net.parameters()) / 1e6
     print(f'\nYODA overhead benchmark: {args.net} SR3 UNet ({params:.1f}M params), {args.size}x{args.size}, '
           f'batch {args.batch}, {device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}')
-    print(f'| measurement | vanilla | YODA | YODA / vanilla |')
-    print(f'| --- | --- | --- | --- |')
+    print('| measurement | vanilla | YODA | YODA / vanilla |')
+    print('| --- | --- | --- | --- |')
     print(f'| training step, s (median of {args.repeats}) | {train_v:.4f} | {train_y:.4f} | {train_y / train_v:.3f} |')
     print(f'| dense sampling, {args.sample_steps} steps, s (median of 3) | {samp_v:.3f} | {samp_y:.3f} | '
           f'{samp_y / samp_v:.3f} |')

@@ -153,9 +153,8 @@ def test_option_file_builds(path, tmp_path, monkeypatch):
 
 def check_option_file(path, tmp_path):
     """All checks of the module docstring; raises AssertionError or the builders' errors."""
-    from basicsr.data import build_dataset
     from basicsr.models import build_model
-    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, MODEL_REGISTRY
+    from basicsr.utils.registry import ARCH_REGISTRY, MODEL_REGISTRY
     opt = load_options(path)
     assert opt.get('yoda_plugin') == yoda_plugin.__version__, 'the plugin-import line is missing'
     for key in ('name', 'model_type', 'datasets', 'network_g'):

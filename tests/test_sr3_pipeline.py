@@ -85,7 +85,7 @@ def test_kill_and_auto_resume(tiny_data, tmp_path):
     write_options(opt_path, opt)
     run([PYTHON, '-m', 'yoda_plugin', 'train', '-opt', opt_path, '--auto_resume'], cwd=tmp_path)
     log = train_log(exp)
-    assert f'Resuming training from epoch' in log and f'iter: {last}.' in log
+    assert 'Resuming training from epoch' in log and f'iter: {last}.' in log
     assert f"net_g_{last}.pth, with param key: [params]" in log
     assert f"net_g_{last}.pth, with param key: [params_ema]" in log  # EMA restored, not re-copied
     assert (exp / 'training_states' / f'{last + 2}.state').exists()

@@ -97,10 +97,10 @@ def build_dataset(opt_path: Optional[str] = None, dataset: Optional[str] = None,
     from yoda_plugin.data.yoda_paired_dataset import YODAPairedDataset
     opt = load_options(opt_path) if opt_path else {}
     if opt:
-        key, ds = pick_dataset(opt, dataset)
+        _, ds = pick_dataset(opt, dataset)
         ds = copy.deepcopy(dict(ds))
     else:
-        key, ds = 'test_1', {'name': 'data', 'type': 'YODAPairedDataset'}
+        ds = {'name': 'data', 'type': 'YODAPairedDataset'}
     if hr:
         ds['dataroot_gt'] = hr
         ds['io_backend'] = {'type': 'lmdb' if is_lmdb(hr) else 'disk'}

@@ -56,7 +56,6 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from basicsr.archs.arch_util import pixel_unshuffle

@@ -226,6 +226,10 @@ class SR3Model(SRModel):
                                  self.diffusion_opt['continuous_noise_level'])
         eps = self._denoise(self.net_g, inputs['z_in'], inputs['noise_level'])
         l_pix = self.cri_pix(eps, inputs['noise'], inputs['mask'])
+        self.apply_loss(l_pix, inputs['mask'], current_iter)
+
+    def apply_loss(self, l_pix, mask, current_iter):
+        """NaN policy, backward (GradScaler with fp16), optimizer step, loss log and EMA update."""
         if not torch.isfinite(l_pix):
             policy = self.opt['train'].get('nan_policy', 'raise')
             msg = f'non-finite training loss ({l_pix.item()}) at iteration {current_iter}'
@@ -246,8 +250,8 @@ class SR3Model(SRModel):
             l_pix.backward()
             self.optimizer_g.step()
         loss_dict = OrderedDict(l_pix=l_pix.detach())
-        if inputs['mask'] is not None:
-            loss_dict['mask_ratio'] = inputs['mask'].mean().detach()
+        if mask is not None:
+            loss_dict['mask_ratio'] = mask.mean().detach()
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)

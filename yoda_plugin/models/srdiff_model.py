@@ -33,7 +33,6 @@ policy, ranks-in-sync checks) comes from :class:`SR3Model`. Differences:
 """
 import math
 import os
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -264,24 +263,7 @@ class SRDiffModel(SR3Model):
         t = self.schedule.timesteps.to(x0.device)[inputs['k']]
         eps = self.net_g(inputs['z_in'], self.lq, t)
         l_pix = self.cri_pix(eps, inputs['noise'], inputs['mask'])
-        if not torch.isfinite(l_pix):
-            policy = self.opt['train'].get('nan_policy', 'raise')
-            msg = f'non-finite training loss ({l_pix.item()}) at iteration {current_iter}'
-            if policy == 'skip':
-                get_root_logger().warning(msg + ': step skipped (train.nan_policy: skip)')
-                self.optimizer_g.zero_grad(set_to_none=True)
-                self.log_dict = OrderedDict(l_pix=float('nan'), skipped=1.0)
-                return
-            raise FloatingPointError(msg + '; weights were not updated. Lower the learning rate or set '
-                                     'train.nan_policy: skip')
-        l_pix.backward()
-        self.optimizer_g.step()
-        loss_dict = OrderedDict(l_pix=l_pix.detach())
-        if inputs['mask'] is not None:
-            loss_dict['mask_ratio'] = inputs['mask'].mean().detach()
-        self.log_dict = self.reduce_loss_dict(loss_dict)
-        if self.ema_decay > 0:
-            self.model_ema(decay=self.ema_decay)
+        self.apply_loss(l_pix, inputs['mask'], current_iter)
 
     # -- sampling ----------------------------------------------------------------------------------
     def _padded_inputs(self):
