@@ -26,7 +26,7 @@ from typing import Dict, List, Type
 import numpy as np
 
 __all__ = [
-    'ATTENTION_SOURCES', 'AttentionSource', 'as_rgb_uint8', 'build_attention_source',
+    'ATTENTION_SOURCES', 'AttentionSource', 'as_rgb_float32', 'as_rgb_uint8', 'build_attention_source',
     'build_attention_source_from_config', 'register_attention_source', 'EdgeAttention',
     'GaussianAttention', 'SiftAttention', 'normalize_map'
 ]
@@ -39,6 +39,36 @@ _SHAPES_ACCEPTED = '(H, W), (H, W, 1), (H, W, 3) or (H, W, 4)'
 _FLOAT_TOLERANCE = 1e-3
 
 
+def _checked_rgb(image) -> np.ndarray:
+    """Shape, dtype and range checks shared by :func:`as_rgb_uint8` and :func:`as_rgb_float32`.
+
+    Returns an ``(H, W, 3)`` array of the input dtype (grey replicated, alpha dropped).
+    """
+    arr = np.asarray(image)
+    shape = tuple(arr.shape)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ValueError(f'expected an image of shape {_SHAPES_ACCEPTED}, got shape {shape}')
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f'expected a non-empty image, got shape {shape}')
+    if np.issubdtype(arr.dtype, np.floating):
+        values = arr.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f'image of shape {shape} contains NaN or Inf values')
+        lo, hi = float(values.min()), float(values.max())
+        if lo < -_FLOAT_TOLERANCE or hi > 1.0 + _FLOAT_TOLERANCE:
+            raise ValueError(f'float images must have values in [0, 1], got min {lo:.4g} and max {hi:.4g} '
+                             f'(shape {shape}); pass uint8 for 0..255 data')
+    elif arr.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f'expected a uint8, uint16 or float image, got dtype {arr.dtype} (shape {shape})')
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    return arr
+
+
 def as_rgb_uint8(image) -> np.ndarray:
     """Validate an image and return it as contiguous RGB ``uint8`` ``(H, W, 3)``.
 
@@ -49,33 +79,25 @@ def as_rgb_uint8(image) -> np.ndarray:
     clipped; scaled by 255 and rounded). Anything else raises ``ValueError``
     naming the shape or dtype.
     """
-    arr = np.asarray(image)
-    shape = tuple(arr.shape)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ValueError(f'expected an image of shape {_SHAPES_ACCEPTED}, got shape {shape}')
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f'expected a non-empty image, got shape {shape}')
+    arr = _checked_rgb(image)
     if arr.dtype == np.uint8:
         out = arr
     elif arr.dtype == np.uint16:
         out = np.round(arr.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
-    elif np.issubdtype(arr.dtype, np.floating):
-        values = arr.astype(np.float64)
-        if not np.isfinite(values).all():
-            raise ValueError(f'image of shape {shape} contains NaN or Inf values')
-        lo, hi = float(values.min()), float(values.max())
-        if lo < -_FLOAT_TOLERANCE or hi > 1.0 + _FLOAT_TOLERANCE:
-            raise ValueError(f'float images must have values in [0, 1], got min {lo:.4g} and max {hi:.4g} '
-                             f'(shape {shape}); pass uint8 for 0..255 data')
-        out = np.round(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
     else:
-        raise ValueError(f'expected a uint8, uint16 or float image, got dtype {arr.dtype} (shape {shape})')
-    if out.shape[2] == 1:
-        out = np.repeat(out, 3, axis=2)
-    elif out.shape[2] == 4:
-        out = out[:, :, :3]
+        out = np.round(np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.ascontiguousarray(out)
+
+
+def as_rgb_float32(image) -> np.ndarray:
+    """As :func:`as_rgb_uint8`, but float32 in [0, 1]; float input keeps its precision."""
+    arr = _checked_rgb(image)
+    if arr.dtype == np.uint8:
+        out = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        out = arr.astype(np.float32) / 65535.0
+    else:
+        out = np.clip(arr.astype(np.float32), 0.0, 1.0)
     return np.ascontiguousarray(out)
 
 
@@ -99,8 +121,8 @@ def normalize_map(raw: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return np.clip((raw - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def _to_json(value):
-    """Canonical JSON form (tuples become lists, numpy scalars plain numbers)."""
+def to_json(value):
+    """Canonical JSON form: tuples become lists, numpy scalars plain numbers, keys sorted."""
     def default(obj):
         if isinstance(obj, np.generic):
             return obj.item()
@@ -108,7 +130,7 @@ def _to_json(value):
             return obj.tolist()
         raise TypeError(f'{type(obj).__name__} is not JSON serialisable')
 
-    return json.loads(json.dumps(value, default=default))
+    return json.loads(json.dumps(value, default=default, sort_keys=True))
 
 
 def _init_parameters(cls) -> List[inspect.Parameter]:
@@ -157,7 +179,7 @@ class AttentionSource:
         cfg = {'name': self.name}
         for param in _init_parameters(type(self)):
             cfg[param.name] = getattr(self, param.name)
-        return _to_json(cfg)
+        return to_json(cfg)
 
     def __repr__(self) -> str:
         args = ', '.join(f'{k}={v!r}' for k, v in self.config().items() if k != 'name')

@@ -101,7 +101,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from yoda_plugin.attention.deterministic import AttentionSource, register_attention_source
+from yoda_plugin.attention import AttentionSource, as_rgb_float32, register_attention_source
 
 __all__ = [
     'VisionTransformer', 'vit_small_patch8', 'resnet50_backbone', 'aggregate_heads', 'minmax_normalize',
@@ -560,40 +560,8 @@ def load_backbone_weights(model: nn.Module, state_dict: Mapping, where: str = 'c
 
 
 def prepare_image(image) -> np.ndarray:
-    """Validate an image and return it as contiguous float32 RGB (H, W, 3) in [0, 1].
-
-    Same contract as the other attention sources (see ``yoda_plugin.attention``): (H, W) and (H, W, 1) grey
-    images are replicated, (H, W, 4) drops alpha; uint8, uint16 or float in [0, 1] (up to 1e-3 outside is
-    clipped). Float images keep their precision (no round trip through uint8).
-    """
-    arr = np.asarray(image)
-    shape = tuple(arr.shape)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ValueError(f'expected an image of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {shape}')
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f'expected a non-empty image, got shape {shape}')
-    if arr.dtype == np.uint8:
-        out = arr.astype(np.float32) / 255.0
-    elif arr.dtype == np.uint16:
-        out = arr.astype(np.float32) / 65535.0
-    elif np.issubdtype(arr.dtype, np.floating):
-        out = arr.astype(np.float32)
-        if not np.isfinite(out).all():
-            raise ValueError(f'image of shape {shape} contains NaN or Inf values')
-        lo, hi = float(out.min()), float(out.max())
-        if lo < -1e-3 or hi > 1.0 + 1e-3:
-            raise ValueError(f'float images must have values in [0, 1], got min {lo:.4g} and max {hi:.4g} '
-                             f'(shape {shape}); pass uint8 for 0..255 data')
-        out = np.clip(out, 0.0, 1.0)
-    else:
-        raise ValueError(f'expected a uint8, uint16 or float image, got dtype {arr.dtype} (shape {shape})')
-    if out.shape[2] == 1:
-        out = np.repeat(out, 3, axis=2)
-    elif out.shape[2] == 4:
-        out = out[:, :, :3]
-    return np.ascontiguousarray(out)
+    """Contiguous float32 RGB (H, W, 3) in [0, 1]: the attention sources' input contract (no uint8 round trip)."""
+    return as_rgb_float32(image)
 
 
 def _round_to_multiple(value: float, multiple: int) -> int:

@@ -50,16 +50,10 @@ class MissingAttentionKeyError(ValueError, KeyError):
 # --------------------------------------------------------------------------- helpers
 
 def _canonical(value):
-    """JSON round trip: tuples become lists, numpy scalars plain numbers; raises ValueError if not JSON-able."""
-    def default(obj):
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-        raise TypeError(f'{type(obj).__name__} is not JSON serialisable')
-
+    """JSON round trip (see :func:`yoda_plugin.attention.to_json`); ValueError if not JSON-able."""
+    from yoda_plugin.attention import to_json
     try:
-        return json.loads(json.dumps(value, default=default, sort_keys=True))
+        return to_json(value)
     except (TypeError, ValueError) as err:
         raise ValueError(f'attention metadata must be JSON serialisable: {err}') from err
 

@@ -261,16 +261,21 @@ class SR3Model(SRModel):
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.get_bare_model(self.net_g)
         return net
 
+    def sampling_generator(self, seed):
+        """A generator on the model's device seeded with ``seed`` (None: the global RNG)."""
+        if seed is None:
+            return None
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(int(seed))
+        return generator
+
     @torch.no_grad()
     def sample(self, seed=None, progress=False, callback=None):
         """Super-resolve the fed batch; returns images in [0, 1]."""
         net = self._sampling_net()
         was_training = net.training
         net.eval()
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(seed))
+        generator = self.sampling_generator(seed)
         schedule = self.sample_schedule
 
         def denoise(z_in, k):

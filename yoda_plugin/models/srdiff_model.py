@@ -290,10 +290,7 @@ class SRDiffModel(SR3Model):
         net = self._sampling_net()
         was_training = net.training
         net.eval()
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(seed))
+        generator = self.sampling_generator(seed)
         schedule = self.sample_schedule
         timesteps = schedule.timesteps.to(self.device)
         lq, lq_up, att = self._padded_inputs()
