@@ -56,7 +56,10 @@ def _rel(path):
 def _model_extra_keys(model_type):
     from basicsr.utils.registry import MODEL_REGISTRY
     cls = MODEL_REGISTRY.get(model_type)
-    extra = {k: set(v) for k, v in (getattr(cls, 'extra_option_keys', None) or {}).items()}
+    extra = {}
+    for klass in cls.__mro__:  # a subclass adds to what its bases read
+        for section, keys in (vars(klass).get('extra_option_keys') or {}).items():
+            extra[section] = extra.get(section, set()) | set(keys)
     for section, keys in MODEL_EXTRA_KEYS.get(model_type, {}).items():
         extra[section] = extra.get(section, set()) | set(keys)
     return extra
@@ -245,3 +248,12 @@ def test_checks_catch_mistakes(tmp_path, edit, error):
     with pytest.raises((AssertionError, ValueError)) as info:
         check_option_file(str(bad), tmp_path)
     assert error in str(info.value)
+
+
+def test_model_specific_keys_are_known_along_the_class_hierarchy():
+    sr3 = _model_extra_keys('SR3Model')
+    assert {'amp', 'nan_policy'} <= sr3['train'] and 'trust_checkpoint' in sr3['path']
+    srdiff = _model_extra_keys('SRDiffModel')
+    assert {'amp', 'freeze_rrdb'} <= srdiff['train'] and 'srdiff' in srdiff['']
+    opt = {'name': 'x', 'train': {'amp': 'bf16', 'amp_typo': 1}, 'path': {'trust_checkpoint': False}}
+    assert _unknown_keys(opt, sr3) == ['train.amp_typo']

@@ -142,6 +142,9 @@ class SR3Model(SRModel):
             validation images go to tensorboard. val.save_attention: also save
             the attention map next to the SR image.
     """
+    # Option keys read beyond BasicSR's own (sections: '' top level, 'train', 'path'); tests/test_options.py
+    # accepts them, merged along the class hierarchy.
+    extra_option_keys = {'train': {'nan_policy', 'amp'}, 'path': {'trust_checkpoint'}}
 
     def __init__(self, opt):
         self.diffusion_opt = diffusion_options(opt.get('diffusion'))
