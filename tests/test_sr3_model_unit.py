@@ -1,4 +1,6 @@
 """SR3Model in-process: a training step and sampling, float32 and bf16 autocast, option errors."""
+import random
+
 import pytest
 import torch
 from basicsr.data import build_dataset
@@ -64,3 +66,25 @@ def test_missing_lpips_weights_fail_at_model_setup(tiny_data, monkeypatch, tmp_p
     metrics = {'lpips': {'type': 'calculate_lpips'}}
     with pytest.raises(FileNotFoundError, match='alexnet-owt-7be5be79.pth'):
         model_and_batch(tiny_data, val__metrics=metrics)
+
+
+def test_channels_last_and_compile_match_the_plain_model(tiny_data):
+    """Fast-path options change memory layout / wrap forward, not results (CPU; compile with the eager backend)."""
+    results = []
+    for extra in ({}, {'train__channels_last': True, 'val__channels_last': True},
+                  {'train__compile': {'backend': 'eager'}, 'val__compile': {'backend': 'eager'}}):
+        torch.manual_seed(0)
+        random.seed(0)  # the dataset's crops and flips
+        model, batch = model_and_batch(tiny_data, **extra)
+        torch.manual_seed(1)
+        model.feed_data(batch)
+        model.optimize_parameters(1)
+        results.append((float(model.get_current_log()['l_pix']), model.sample(seed=0),
+                        sorted(model.get_bare_model(model.net_g).state_dict())))
+    base = results[0]
+    for loss, out, keys in results[1:]:
+        assert loss == pytest.approx(base[0], rel=1e-5, abs=1e-6)
+        assert torch.allclose(out, base[1], atol=1e-4)
+        assert keys == base[2], 'checkpoint keys must not change'
+    with pytest.raises(ValueError, match='train.compile'):
+        model_and_batch(tiny_data, train__compile='yes')

@@ -40,7 +40,7 @@ DIFFUSION_DEFAULTS = {
     'continuous_noise_level': True,
 }
 VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'sample_seed', 'progress', 'tb_images',
-            'save_attention', 'sparse', 'amp'}
+            'save_attention', 'sparse', 'amp', 'channels_last', 'compile'}
 SPARSE_DEFAULTS = {'enabled': False, 'margin': 32, 'max_fraction': 0.7}
 
 
@@ -144,7 +144,7 @@ class SR3Model(SRModel):
     """
     # Option keys read beyond BasicSR's own (sections: '' top level, 'train', 'path'); tests/test_options.py
     # accepts them, merged along the class hierarchy.
-    extra_option_keys = {'train': {'nan_policy', 'amp'}, 'path': {'trust_checkpoint'}}
+    extra_option_keys = {'train': {'nan_policy', 'amp', 'channels_last', 'compile'}, 'path': {'trust_checkpoint'}}
 
     def __init__(self, opt):
         self.diffusion_opt = diffusion_options(opt.get('diffusion'))
@@ -160,6 +160,7 @@ class SR3Model(SRModel):
         self.sparse_options()  # unknown val.sparse keys fail now, not at the first validation
         for phase in ('train', 'val'):
             self.amp_dtype(phase)  # bad amp values fail now too
+        self._apply_fast_paths()
         for name, metric in ((opt.get('val') or {}).get('metrics') or {}).items():
             if metric.get('type') == 'calculate_lpips':  # a missing backbone fails now, not after sampling
                 from yoda_plugin.metrics.lpips_metric import resolve_alexnet_weights
@@ -170,8 +171,9 @@ class SR3Model(SRModel):
 
     # -- devices and optimisers ------------------------------------------------------------------
     def model_to_device(self, net):
-        """As BasicSR's, but DistributedDataParallel also on CPU (gloo)."""
+        """As BasicSR's, but DistributedDataParallel also on CPU (gloo), after the fast-path options."""
         net = net.to(self.device)
+        self._apply_fast_paths(net, 'train' if self.is_train else 'val')
         if self.opt['dist']:
             find_unused = self.opt.get('find_unused_parameters', False)
             device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
@@ -203,11 +205,38 @@ class SR3Model(SRModel):
     def _denoise(self, net, z_in, noise_level, cond=None):
         """The network's noise prediction, under ``train.amp`` / ``val.amp`` autocast, as float32."""
         cond = self.lq_up * 2 - 1 if cond is None else cond
+        if getattr(self.get_bare_model(net), '_yoda_channels_last', False):
+            z_in = z_in.contiguous(memory_format=torch.channels_last)
+            cond = cond.contiguous(memory_format=torch.channels_last)
         dtype = self.amp_dtype('train' if net.training else 'val')
         if dtype is None:
             return net(z_in, cond, noise_level)
         with torch.autocast(self.device.type, dtype=dtype):
             return net(z_in, cond, noise_level).float()
+
+    def _apply_fast_paths(self, net=None, phase=None):
+        """``train.channels_last`` / ``train.compile`` for the trained network, ``val.*`` for the sampling one.
+
+        channels_last stores conv weights (and feeds inputs) NHWC, which tensor cores prefer under
+        mixed precision. ``compile`` wraps the module's ``forward`` with ``torch.compile`` (``true`` or
+        a dict of its keyword arguments), so state dicts and checkpoints keep their keys. Applied
+        before any DistributedDataParallel wrap (from ``model_to_device``) and to the EMA copy.
+        """
+        if net is None:  # after construction: the separate EMA network samples
+            if hasattr(self, 'net_g_ema'):
+                self._apply_fast_paths(self.net_g_ema, 'val')
+            return
+        section = self.opt.get(phase) or {}
+        compile_opt = section.get('compile', False)
+        if compile_opt not in (True, False, None) and not isinstance(compile_opt, dict):
+            raise ValueError(f'{phase}.compile must be true, false or a dict of torch.compile arguments, '
+                             f'got {compile_opt!r}')
+        if section.get('channels_last') and not getattr(net, '_yoda_channels_last', False):
+            net.to(memory_format=torch.channels_last)
+            net._yoda_channels_last = True
+        if compile_opt and not getattr(net, '_yoda_compiled', False):
+            net.forward = torch.compile(net.forward, **(compile_opt if isinstance(compile_opt, dict) else {}))
+            net._yoda_compiled = True
 
     def amp_dtype(self, phase: str):
         """``train.amp`` / ``val.amp``: null (float32), ``bf16`` or ``fp16`` (CUDA only, with a GradScaler)."""
