@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny synthetic dataset in BasicSR LMDB layout and option files for it."""
 import copy
+import glob
+import importlib.util
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -84,13 +87,18 @@ def tiny_options(data_root, name='tiny', yoda=True, total_iter=4, **overrides):
         'logger': {'print_freq': 1, 'save_checkpoint_freq': 2, 'use_tb_logger': True,
                    'wandb': {'project': None, 'resume_id': None}},
     }
+    return copy.deepcopy(apply_overrides(opt, overrides))
+
+
+def apply_overrides(opt, overrides):
+    """``{'train__total_iter': 8}`` sets ``opt['train']['total_iter'] = 8`` (in place; returns ``opt``)."""
     for dotted, value in overrides.items():
         node = opt
         keys = dotted.split('__')
         for k in keys[:-1]:
             node = node[k]
         node[keys[-1]] = value
-    return copy.deepcopy(opt)
+    return opt
 
 
 def write_options(path, opt):
@@ -109,3 +117,27 @@ def run_env():
 
 
 PYTHON = sys.executable
+PRECOMPUTE_SCRIPT = os.path.join(REPO, 'scripts', 'precompute_attention.py')
+
+
+def run(args, cwd, timeout=300, check=True):
+    """A subprocess with the repository importable; its output in the failure message."""
+    proc = subprocess.run(args, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{" ".join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
+    return proc
+
+
+def train_log(exp):
+    """All BasicSR training logs of an experiment folder, concatenated."""
+    logs = sorted(glob.glob(os.path.join(exp, 'train_*.log')))
+    assert logs, f'no training log in {exp}'
+    return '\n'.join(open(p, encoding='utf-8').read() for p in logs)
+
+
+def load_precompute_script(module_name='precompute_attention'):
+    """scripts/precompute_attention.py as a module (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location(module_name, PRECOMPUTE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

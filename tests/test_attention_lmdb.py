@@ -1,5 +1,4 @@
 """Attention maps in BasicSR-layout LMDBs, and scripts/precompute_attention.py."""
-import importlib.util
 import itertools
 import json
 import os
@@ -15,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from conftest import load_precompute_script
 from yoda_plugin.attention import build_attention_source
 from yoda_plugin.data.attention_lmdb import (AttentionLMDBLockedError, AttentionLMDBWriter, MissingAttentionKeyError,
                                              check_attention_meta, decode_attention, make_attention_meta,
@@ -26,16 +26,9 @@ META_LINE = re.compile(r'^(\S+)\.png \((\d+),(\d+),1\) (\d)$')
 TOL = 1.0 / 65535
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location('precompute_attention', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='module')
 def script():
-    return load_script()
+    return load_precompute_script('precompute_attention')
 
 
 def gaussian_meta(**extra):

@@ -8,7 +8,7 @@ import lmdb
 import numpy as np
 import pytest
 
-from conftest import PYTHON, REPO, run_env
+from conftest import PYTHON, REPO, load_precompute_script, run_env
 from yoda_plugin.attention import build_attention_source
 from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter, make_attention_meta, read_meta_info
 
@@ -17,16 +17,9 @@ KEYS = [f'im{i}' for i in range(6)]
 SIZE = (24, 20)  # (h, w)
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location('precompute_attention_sharding', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='module')
 def script():
-    return load_script()
+    return load_precompute_script('precompute_attention_sharding')
 
 
 @pytest.fixture(autouse=True)
@@ -63,8 +56,8 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp('reference')
     write_images(root / 'lr')
     out = root / 'ref.lmdb'
-    assert load_script().main(['--input', str(root / 'lr'), '--output', str(out), '--source', 'edge',
-                               '--no-progress']) == 0
+    script = load_precompute_script('precompute_attention_sharding')
+    assert script.main(['--input', str(root / 'lr'), '--output', str(out), '--source', 'edge', '--no-progress']) == 0
     values = raw_values(out)
     assert sorted(values) == KEYS
     return {'values': values, 'meta_info': (out / 'meta_info.txt').read_text()}

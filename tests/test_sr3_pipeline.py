@@ -10,20 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PYTHON, REPO, run_env, tiny_options, write_options
-
-
-def run(args, cwd, timeout=300, check=True):
-    proc = subprocess.run(args, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f'{" ".join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
-    return proc
-
-
-def train_log(exp):
-    logs = sorted(glob.glob(os.path.join(exp, 'train_*.log')))
-    assert logs, f'no training log in {exp}'
-    return '\n'.join(open(p, encoding='utf-8').read() for p in logs)
+from conftest import PYTHON, REPO, run, run_env, tiny_options, train_log, write_options
 
 
 @pytest.mark.parametrize('yoda', [True, False], ids=['yoda', 'vanilla'])

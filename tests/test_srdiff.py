@@ -4,13 +4,12 @@ import copy
 import glob
 import json
 import os
-import subprocess
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import PYTHON, REPO, run_env, tiny_options, write_options
+from conftest import PYTHON, REPO, apply_overrides, run, tiny_options, train_log, write_options
 
 from yoda_plugin.archs.srdiff_arch import SRDiffNet
 from yoda_plugin.core import DiffusionSchedule, YODAConfig, predict_start_from_noise, q_posterior, sample_loop
@@ -40,13 +39,7 @@ def srdiff_options(data_root, name='srdiff', yoda=True, total_iter=4, **override
     opt['srdiff'] = {'res_rescale': 2.0, 'clip_input': True}
     opt['train']['freeze_rrdb'] = True
     opt['val'].update(tile_size=16, tile_overlap=8)  # 32x32 validation images: 3x3 tiles
-    for dotted, value in overrides.items():
-        node = opt
-        keys = dotted.split('__')
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = value
-    return opt
+    return apply_overrides(opt, overrides)
 
 
 def make_model(is_train=False, yoda=True, path=None, train=None, val=None, sample_steps=None, net=None):
@@ -308,19 +301,6 @@ def test_option_files_are_consistent():
 
 
 # -- BasicSR pipeline -------------------------------------------------------------------------------------
-def run(args, cwd, timeout=300):
-    proc = subprocess.run(args, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f'{" ".join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
-    return proc
-
-
-def train_log(exp):
-    logs = sorted(glob.glob(os.path.join(exp, 'train_*.log')))
-    assert logs, f'no training log in {exp}'
-    return '\n'.join(open(p, encoding='utf-8').read() for p in logs)
-
-
 def test_rrdb_pretraining_then_srdiff_yoda_training(tiny_data, tmp_path):
     # 1. RRDB encoder pretraining: BasicSR's own SRModel + RRDBNet, 2 iterations
     pre = tiny_options(tiny_data, name='rrdb_pre', yoda=False, total_iter=2)
