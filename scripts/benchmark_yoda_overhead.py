@@ -9,6 +9,14 @@ Prints one table:
 * dense YODA sampling / vanilla sampling over the same number of steps;
 * YODA's share of pixel updates for the attention maps used (what sparse
   sampling could save at most);
+* sparse YODA sampling (``val.sparse``) in each ``--sparse MODE:MARGIN``
+  variant: time / dense YODA time next to the share of pixel updates (the
+  physical limit; the target is within 10% of it), the share of pixels the
+  network evaluated, crops per step and the PSNR between sparse and dense
+  output on the same noise;
+* gradient checkpointing (``network_g.use_checkpoint``) training step / plain;
+* fast paths (``train/val.amp: bf16``, ``channels_last``, with ``--compile``
+  also ``torch.compile``): sampling forward and training step / float32;
 * seconds per network forward of the chosen network at the chosen size.
 """
 import argparse
@@ -41,6 +49,61 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def fast_paths(net, hr, cond, att, schedule, yoda, device, with_compile, repeats):
+    """{variant: (sampling forward s, training step s)} for float32, bf16 autocast, channels_last (+ compile)."""
+    import copy
+    variants = {'float32': (False, None, False), 'bf16 autocast': (False, torch.bfloat16, False),
+                'channels_last': (True, None, False), 'channels_last + bf16': (True, torch.bfloat16, False)}
+    if with_compile:
+        variants['torch.compile'] = (False, None, True)
+    nets, results = {}, {}
+    for name, (cl, _, comp) in variants.items():
+        n = copy.deepcopy(net)
+        if cl:
+            n.to(memory_format=torch.channels_last)
+        if comp:
+            n.forward = torch.compile(n.forward)
+        nets[name] = (n, torch.optim.AdamW(n.parameters(), lr=5e-5, weight_decay=1e-4))
+
+    def run(name, train):
+        n, opt = nets[name]
+        cl, dtype, _ = variants[name]
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        inp = training_inputs(schedule, hr, att, yoda)
+        z, c = inp['z_in'].contiguous(memory_format=fmt), cond.contiguous(memory_format=fmt)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            if not train:
+                n.eval()
+                with torch.no_grad():
+                    n(z, c, inp['noise_level'])
+                return
+            n.train()
+            opt.zero_grad(set_to_none=True)
+            eps = n(z, c, inp['noise_level'])
+        masked_noise_loss(eps.float(), inp['noise'], inp['mask']).backward()
+        opt.step()
+
+    times = {name: ([], []) for name in variants}
+    for name in variants:  # warm-up (and compilation)
+        try:
+            run(name, False)
+            run(name, True)
+        except Exception as err:  # e.g. no C++ compiler for inductor: report instead of failing the table
+            results[name] = (None, f'unavailable: {type(err).__name__}: {str(err).splitlines()[0][:80]}')
+    live = [n for n in variants if n not in results]
+    for i in range(repeats):
+        for name in (live if i % 2 == 0 else live[::-1]):
+            for j, train in enumerate((False, True)):
+                sync(device)
+                t = time.perf_counter()
+                run(name, train)
+                sync(device)
+                times[name][j].append(time.perf_counter() - t)
+    for name in live:
+        results[name] = (statistics.median(times[name][0]), statistics.median(times[name][1]))
+    return {name: results[name] for name in variants}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--net', choices=sorted(NETS), default='small')
@@ -51,7 +114,10 @@ def main(argv=None):
     p.add_argument('--lower-bound', type=float, default=0.4)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--margin', type=int, default=16, help='context margin of sparse sampling (pixels)')
+    p.add_argument('--sparse', nargs='+', default=['bbox:16', 'regions:16', 'regions:0'],
+                   help='sparse sampling variants MODE:MARGIN (modes: bbox, regions)')
+    p.add_argument('--region-cost', type=float, default=1024, help='val.sparse.region_cost of the regions mode')
+    p.add_argument('--compile', action='store_true', help='also time torch.compile (compiles first: minutes)')
     p.add_argument('--data-opt', help='an option file whose datasets.train to time (samples/s of LMDB read, decode, '
                    'augment), e.g. options/demo/train_sr3_yoda_demo.yml after the demo built its data')
     p.add_argument('--checkpoint', help='net_g_*.pth whose params_ema fit --net (e.g. the demo model with '
@@ -106,34 +172,59 @@ def main(argv=None):
         return net(z_in, c, sample_schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
 
     multiple = 2**(len(NETS[args.net]['channel_mults']) - 1)
-    sample_times = {'vanilla': [], 'yoda': [], 'sparse': []}
-    outputs = {}
+    variants = {'vanilla': (denoise, vanilla, None), 'yoda': (denoise, yoda, None)}
+    for spec in args.sparse:
+        mode, _, margin = spec.partition(':')
+        variants[f'sparse {spec}'] = (None, yoda, (mode, int(margin or 0)))
+    sample_times = {name: [] for name in variants}
+    outputs, sparse_stats = {}, {}
     with torch.no_grad():
         for i in range(3):
-            order = ['vanilla', 'yoda', 'sparse'] if i % 2 == 0 else ['sparse', 'yoda', 'vanilla']
+            order = list(variants) if i % 2 == 0 else list(variants)[::-1]
             for name in order:
-                sparse = SparseDenoiser(net_fn, args.margin, multiple, 0.7)
-                fn, cfg = {'vanilla': (denoise, vanilla), 'yoda': (denoise, yoda), 'sparse': (sparse, yoda)}[name]
+                fn, cfg, sparse = variants[name]
+                if sparse:
+                    fn = SparseDenoiser(net_fn, sparse[1], multiple, 0.9, sparse[0], region_cost=args.region_cost)
                 sync(device)
                 t = time.perf_counter()
                 outputs[name] = sample_loop(fn, sample_schedule, cond, att, cfg, torch.Generator(device).manual_seed(0),
-                                            pass_mask=name == 'sparse')
+                                            pass_mask=sparse is not None)
                 sync(device)
                 sample_times[name].append(time.perf_counter() - t)
-                if name == 'sparse':
-                    sparse_stats = sparse.stats
+                if sparse:
+                    sparse_stats[name] = fn.stats
         sync(device)
         t = time.perf_counter()
         for _ in range(5):
             net(hr[:1], cond[:1], torch.full((1, ), 0.5, device=device))
         sync(device)
         forward = (time.perf_counter() - t) / 5
-    samp_v, samp_y = statistics.median(sample_times['vanilla']), statistics.median(sample_times['yoda'])
-    samp_s = statistics.median(sample_times['sparse'])
-    mse = float(((outputs['sparse'] - outputs['yoda']) / 2).pow(2).mean())  # images in [-1, 1] -> [0, 1]
-    psnr = float('inf') if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
-    evaluated = sparse_stats['pixels'] / sparse_stats['dense_pixels']
+    sample_med = {name: statistics.median(v) for name, v in sample_times.items()}
+    samp_v, samp_y = sample_med['vanilla'], sample_med['yoda']
+
+    def psnr(a, b):
+        mse = float(((a - b) / 2).pow(2).mean())  # images in [-1, 1] -> [0, 1]
+        return float('inf') if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
     share = float(pixel_update_ratio(att, args.lower_bound, sample_schedule.timesteps, 500).mean())
+
+    # Gradient checkpointing: the same training step with every block recomputed in backward.
+    ckpt_times = {'plain': [], 'checkpoint': []}
+    net.train()
+    for i in range(max(2, args.repeats // 2)):
+        for name in (('plain', 'checkpoint') if i % 2 == 0 else ('checkpoint', 'plain')):
+            net.use_checkpoint = name == 'checkpoint'
+            for m in net.modules():
+                if hasattr(m, 'use_checkpoint'):
+                    m.use_checkpoint = net.use_checkpoint
+            sync(device)
+            t = time.perf_counter()
+            train_step(yoda)
+            sync(device)
+            ckpt_times[name].append(time.perf_counter() - t)
+    ckpt_ratio = statistics.median(ckpt_times['checkpoint'][1:]) / statistics.median(ckpt_times['plain'][1:])
+
+    fast = fast_paths(net, hr, cond, att, schedule, yoda, device, args.compile, max(3, args.repeats // 2))
 
     data_rate = None
     if args.data_opt:
@@ -159,16 +250,38 @@ def main(argv=None):
     print(f'| dense sampling, {args.sample_steps} steps, s (median of 3) | {samp_v:.3f} | {samp_y:.3f} | '
           f'{samp_y / samp_v:.3f} |')
     print(f'| pixel updates (share of full diffusion), l={args.lower_bound} | 1.000 | {share:.3f} | {share:.3f} |')
-    print(f'| sparse YODA sampling (margin {args.margin}), s | {samp_v:.3f} | {samp_s:.3f} | {samp_s / samp_v:.3f} |')
-    print(f'| sparse / dense YODA sampling time | | | {samp_s / samp_y:.3f} |')
-    print(f'| network pixels evaluated by sparse sampling (vs dense) | | | {evaluated:.3f} |')
-    print(f'| PSNR sparse vs dense YODA output, dB{" (random weights)" if not args.checkpoint else ""} | | | '
-          f'{psnr:.2f} |')
     print(f'| network forward, batch 1, s | {forward:.4f} | | |')
+    print(f'| gradient checkpointing training step / plain (median of {len(ckpt_times["plain"]) - 1}) | | | '
+          f'{ckpt_ratio:.3f} |')
     if data_rate is not None:
         need = args.batch / train_y
         print(f'| dataloader samples/s, one process ({args.data_opt}) | | {data_rate:.1f} | '
               f'{data_rate / need:.1f}x the {need:.1f} samples/s training consumes |')
+    print(f'\nSparse YODA sampling, {args.sample_steps} steps; dense YODA {samp_y:.3f} s; YODA\'s share of pixel '
+          f'updates {share:.3f} (the physical limit; target: sparse/dense <= {1.1 * share:.3f}); '
+          f'region_cost {args.region_cost:g} px{"; random weights" if not args.checkpoint else ""}')
+    print('| variant (mode:margin) | s (median of 3) | sparse / dense time | pixels evaluated | crops per step | '
+          '/ share | PSNR vs dense, dB |')
+    print('| --- | --- | --- | --- | --- | --- | --- |')
+    for name in variants:
+        if not name.startswith('sparse'):
+            continue
+        st = sparse_stats[name]
+        ratio = sample_med[name] / samp_y
+        evaluated = st['pixels'] / st['dense_pixels']
+        crops = (st['crops'] + st['calls'] - st['cropped_calls']) / max(1, st['calls'])
+        print(f'| {name[7:]} | {sample_med[name]:.3f} | {ratio:.3f} | {evaluated:.3f} | {crops:.2f} | '
+              f'{ratio / share:.3f} | {psnr(outputs[name], outputs["yoda"]):.2f} |')
+    print(f'\nFast paths ({device.type}, batch {args.batch}, medians of {max(3, args.repeats // 2)}; options '
+          f'train/val.amp, train/val.channels_last, train/val.compile)')
+    print('| variant | sampling forward, s | / float32 | training step, s | / float32 |')
+    print('| --- | --- | --- | --- | --- |')
+    base = fast['float32']
+    for name, (fwd, step) in fast.items():
+        if fwd is None:
+            print(f'| {name} | {step} | | | |')
+            continue
+        print(f'| {name} | {fwd:.4f} | {fwd / base[0]:.3f} | {step:.4f} | {step / base[1]:.3f} |')
     return 0
 
 

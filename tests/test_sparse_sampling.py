@@ -2,7 +2,11 @@
 import pytest
 import torch
 
-from yoda_plugin.core import DiffusionSchedule, SparseDenoiser, YODAConfig, active_box, make_beta_schedule, sample_loop
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from yoda_plugin.core import (DiffusionSchedule, SparseDenoiser, YODAConfig, active_box, active_regions,
+                              make_beta_schedule, sample_loop)
 
 
 def test_active_box_hand_cases():
@@ -83,3 +87,82 @@ def test_sparse_falls_back_to_dense_for_large_regions():
     mask[..., :, 4:] = 0
     den(torch.zeros(1, 3, 8, 8), torch.ones(1, dtype=torch.long), mask)
     assert seen == [None, (0, 4, 0, 4)]
+
+
+def test_active_regions_hand_cases():
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 2:5, 3:9] = 1
+    mask[..., 40:50, 50:60] = 1
+    # Two blobs: two crops instead of the 64x64 hull; cores are the blobs' boxes.
+    assert active_regions(mask, margin=0, multiple=16) == [((2, 5, 3, 9), (0, 16, 0, 16)),
+                                                           ((40, 50, 50, 60), (32, 64, 48, 64))]
+    assert active_box(mask, 0, 16) == (0, 64, 0, 64)
+    # A per-call cost above the saving merges them into one crop.
+    assert active_regions(mask, 0, 16, region_cost=4096) == [((2, 50, 3, 60), (0, 64, 0, 64))]
+    # Two vertical strips: cut along columns, not rows.
+    strips = torch.zeros(1, 1, 64, 64)
+    strips[..., :, :8] = 1
+    strips[..., :, -8:] = 1
+    assert active_regions(strips, 0, 8) == [((0, 64, 0, 8), (0, 64, 0, 8)), ((0, 64, 56, 64), (0, 64, 56, 64))]
+    assert active_regions(torch.zeros(1, 1, 16, 16), 0, 8) == []
+    with pytest.raises(ValueError, match='granularity'):
+        active_regions(mask, 0, 16, granularity=0)
+    with pytest.raises(ValueError, match='mode must be one of'):
+        SparseDenoiser(None, mode='tiles')
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 3), st.integers(0, 9), st.sampled_from([1, 4, 8]),
+       st.sampled_from([None, 4, 8]), st.sampled_from([0, 64]), st.integers(0, 2**31 - 1))
+def test_active_regions_cover_every_active_pixel_once(height, width, blobs, margin, multiple, granularity, cost, seed):
+    height, width = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(2, 1, height, width, generator=g) > 0.97).float()
+    for _ in range(blobs):
+        y, x = (int(v) for v in torch.randint(0, 64, (2, ), generator=g))
+        mask[0, 0, y % height:y % height + 5, x % width:x % width + 7] = 1
+    regions = active_regions(mask, margin, multiple, granularity, cost)
+    covered = torch.zeros(height, width, dtype=torch.int64)
+    for (ct, cb, cl, cr), (t, b, l, r) in regions:
+        assert 0 <= t <= ct < cb <= b <= height and 0 <= l <= cl < cr <= r <= width  # crop holds its core
+        assert (b - t) % multiple == 0 or b - t == height  # crops keep the network's size multiple
+        assert (r - l) % multiple == 0 or r - l == width
+        assert t % multiple == 0 or b == height
+        assert ct - t >= min(margin, ct) and b - cb >= min(margin, height - cb)  # context on every side
+        assert cl - l >= min(margin, cl) and r - cr >= min(margin, width - cr)
+        covered[ct:cb, cl:cr] += 1
+    active = mask.amax(dim=(0, 1)) > 0
+    assert int(covered.max()) <= 1  # cores are disjoint
+    assert bool((covered[active] == 1).all())  # and hold every active pixel
+    box = active_box(mask, margin, multiple)
+    area = sum((b - t) * (r - l) for _, (t, b, l, r) in regions)
+    if box is not None:  # never worse than the one bounding box
+        assert area + cost * len(regions) <= (box[1] - box[0]) * (box[3] - box[2]) + cost
+
+
+@torch.no_grad()
+def test_region_sparse_equals_dense_for_a_local_network():
+    net = local_net()
+    schedule = DiffusionSchedule(make_beta_schedule('linear', 100, 1e-4, 0.05)).respace(25)
+    cond = torch.rand(2, 3, 64, 64) * 2 - 1
+    att = torch.zeros(2, 1, 64, 64)
+    att[0, 0, 2:10, 2:14] = 1.0  # two far-apart blobs: several crops per step
+    att[0, 0, 48:60, 44:62] = 0.9
+    att[1, 0, 30:34, 4:10] = 0.8
+    cfg = YODAConfig(lower_bound=0.2)
+
+    def net_fn(z, k, box):
+        c = cond if box is None else cond[..., box[0]:box[1], box[2]:box[3]]
+        return net(torch.cat([c, z], 1)) * 0.1
+
+    dense = sample_loop(lambda z, k: net_fn(z, k, None), schedule, cond, att, cfg, torch.Generator().manual_seed(1))
+    regions = SparseDenoiser(net_fn, margin=3, multiple=4, max_fraction=0.9, mode='regions')
+    bbox = SparseDenoiser(net_fn, margin=3, multiple=4, max_fraction=0.9, mode='bbox')
+    a = sample_loop(regions, schedule, cond, att, cfg, torch.Generator().manual_seed(1), pass_mask=True)
+    sample_loop(bbox, schedule, cond, att, cfg, torch.Generator().manual_seed(1), pass_mask=True)
+    assert regions.stats['crops'] > regions.stats['cropped_calls'] > 0
+    assert regions.stats['pixels'] < bbox.stats['pixels']  # the blobs' boxes instead of their hull
+    assert torch.allclose(dense, a, atol=1e-5), float((dense - a).abs().max())
+    narrow = SparseDenoiser(net_fn, margin=1, multiple=1, max_fraction=0.9, mode='regions')
+    c = sample_loop(narrow, schedule, cond, att, cfg, torch.Generator().manual_seed(1), pass_mask=True)
+    assert not torch.allclose(dense, c, atol=1e-5)  # a margin below the receptive field (3) is not exact

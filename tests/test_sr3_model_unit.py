@@ -58,6 +58,15 @@ def test_sparse_sampling_in_the_model_runs_and_counts(tiny_data):
     assert model.sparse_stats['calls'] > 0
     with pytest.raises(ValueError, match='val.sparse.margn'):
         model_and_batch(tiny_data, val__sparse={'margn': 3})
+    for bad, message in (({'mode': 'tiles'}, 'val.sparse.mode must be one of'),
+                         ({'margin': -1}, 'val.sparse.margin must be an integer >= 0'),
+                         ({'margin': 2.5}, 'val.sparse.margin must be an integer >= 0'),
+                         ({'granularity': 0}, 'val.sparse.granularity must be an integer >= 1'),
+                         ({'region_cost': -5}, 'val.sparse.region_cost must be >= 0'),
+                         ({'max_fraction': 0}, 'val.sparse.max_fraction must be in'),
+                         ({'enabled': 'yes'}, 'val.sparse.enabled must be true or false')):
+        with pytest.raises(ValueError, match=message):
+            model_and_batch(tiny_data, val__sparse={'enabled': True, **bad})
 
 
 def test_missing_lpips_weights_fail_at_model_setup(tiny_data, monkeypatch, tmp_path):

@@ -138,8 +138,8 @@ def test_sampling_pads_unaligned_images_and_tiles():
     assert 0 <= float(out.min()) and float(out.max()) <= 1
     with pytest.raises(ValueError, match='tile_size must be a positive multiple of 8'):
         make_model(val={'tile_size': 20, 'tile_overlap': 8}, net=deep)
-    with pytest.raises(ValueError, match='val.sparse is not supported'):
-        make_model(val={'sparse': {'enabled': True}})
+    with pytest.raises(ValueError, match='val.sparse.mode must be one of'):
+        make_model(val={'sparse': {'enabled': True, 'mode': 'tiles'}})
     with pytest.raises(ValueError, match='continuous_noise_level must be false'):
         SRDiffModel({'diffusion': {'continuous_noise_level': True}})
 
@@ -268,6 +268,47 @@ OPTION_FILES = ('train_srdiff_yoda.yml', 'train_srdiff.yml', 'train_rrdb_srdiff_
                 'test_srdiff.yml')
 
 
+class LocalUNet(nn.Module):
+    """Stands in for SRDiff's U-Net: two 3x3 convolutions of (z_t, condition), receptive field radius 2."""
+
+    def __init__(self, cond_channels):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3 + cond_channels, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 3, 3, padding=1))
+
+    def forward(self, z_t, t, cond_hr):
+        return self.body(torch.cat([z_t, cond_hr], 1)) * 0.1 + 0.01 * t.view(-1, 1, 1, 1)
+
+
+@torch.no_grad()
+def test_sparse_tiled_sampling_equals_dense_with_a_local_unet():
+    """val.sparse in SRDiffModel: crops of the active regions, tiled inside, condition cropped to match."""
+    att = torch.zeros(2, 1, 64, 64)
+    att[0, 0, 4:12, 4:20] = 1.0  # two separate blobs: several crops in the early steps
+    att[0, 0, 44:60, 40:60] = 0.9
+    att[1, 0, 20:28, 8:16] = 0.7
+    outputs = {}
+    for name, sparse in (('dense', None), ('sparse', {'enabled': True, 'margin': 4, 'max_fraction': 0.9,
+                                                      'region_cost': 0}),
+                         ('narrow', {'enabled': True, 'margin': 0, 'max_fraction': 0.9, 'region_cost': 0})):
+        val = {'tile_size': 32, 'tile_overlap': 16, 'tile_margin': 4}
+        if sparse:
+            val['sparse'] = sparse
+        torch.manual_seed(0)  # the same encoder weights for the three models
+        model = make_model(val=val, sample_steps=10)
+        net = model.get_bare_model(model.net_g)
+        net.unet = LocalUNet(net.cond_proj.out_channels)
+        model.feed_data(batch(size=64, attention=att))
+        outputs[name] = model.sample(seed=5)
+        if sparse:
+            stats = model.sparse_stats
+            assert stats['cropped_calls'] > 0 and stats['crops'] > stats['cropped_calls'], stats
+            assert stats['pixels'] < stats['dense_pixels']
+    assert torch.allclose(outputs['dense'], outputs['sparse'], atol=1e-5), \
+        float((outputs['dense'] - outputs['sparse']).abs().max())
+    assert not torch.allclose(outputs['dense'], outputs['narrow'], atol=1e-5)  # the test can tell
+
+
 def test_option_files_are_consistent():
     from yoda_plugin.utils.options import load_options
     opts = {}
@@ -335,7 +376,7 @@ def test_rrdb_pretraining_then_srdiff_yoda_training(tiny_data, tmp_path):
     state = torch.load(exp / 'training_states' / '4.state', map_location='cpu', weights_only=True)
     assert state['iter'] == 4
 
-    # 3. testing the EMA weights through BasicSR's test pipeline, whole images (no tiles)
+    # 3. testing the EMA weights through BasicSR's test pipeline, whole images (no tiles), sparse sampling
     test = copy.deepcopy(opt)
     test['name'] = 'test_srdiff_yoda'
     test['datasets'] = {'test_1': test['datasets']['val']}
@@ -343,11 +384,12 @@ def test_rrdb_pretraining_then_srdiff_yoda_training(tiny_data, tmp_path):
     test['path'] = {'pretrain_network_g': str(exp / 'models' / 'net_g_latest.pth'), 'param_key_g': 'params_ema',
                     'strict_load_g': True}
     test['val'].pop('val_freq')
-    test['val'].update(tile_size=None, tile_overlap=0)
+    test['val'].update(tile_size=None, tile_overlap=0, sparse={'enabled': True, 'margin': 4, 'region_cost': 0})
     run([PYTHON, '-m', 'yoda_plugin', 'test', '-opt', write_options(tmp_path / 'test.yml', test)], cwd=tmp_path)
     summary = json.load(open(tmp_path / 'results' / 'test_srdiff_yoda' / 'summary_tiny_val.json'))
     assert summary['images'] == 2 and summary['yoda']['enabled'] and summary['update_ratio'] < 1.0
     assert 0 < summary['metrics']['psnr'] < 100 and summary['sample_steps'] == 4
+    assert 0 < summary['sparse_pixels'] <= 1  # val.sparse through the pipeline, reported
 
 
 def test_option_files_parse_with_basicsr_loader():

@@ -41,7 +41,8 @@ DIFFUSION_DEFAULTS = {
 }
 VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'sample_seed', 'progress', 'tb_images',
             'save_attention', 'sparse', 'amp', 'channels_last', 'compile'}
-SPARSE_DEFAULTS = {'enabled': False, 'margin': 32, 'max_fraction': 0.7}
+SPARSE_DEFAULTS = {'enabled': False, 'mode': 'regions', 'margin': 32, 'max_fraction': 0.7, 'granularity': None,
+                   'region_cost': 1024}
 
 
 def atomic_torch_save(obj, path: str):
@@ -309,6 +310,7 @@ class SR3Model(SRModel):
         net.eval()
         generator = self.sampling_generator(seed)
         schedule = self.sample_schedule
+        self.sparse_stats = None
 
         def denoise(z_in, k):
             return self._denoise(net, z_in, schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
@@ -323,8 +325,7 @@ class SR3Model(SRModel):
                 c = cond if box is None else cond[..., box[0]:box[1], box[2]:box[3]]
                 return self._denoise(net, z_in, schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1), c)
 
-            denoise = SparseDenoiser(net_fn, sparse['margin'], self.downsampling_factor(), sparse['max_fraction'])
-            self.sparse_stats = denoise.stats
+            denoise = self.sparse_denoiser(net_fn, sparse, self.downsampling_factor())
             pass_mask = True
         z = sample_loop(denoise, schedule, self.lq_up * 2 - 1, self.attention if self.yoda.enabled else None,
                         self.yoda, generator, clip, self.diffusion_opt['variance'], progress, callback, pass_mask)
@@ -338,7 +339,30 @@ class SR3Model(SRModel):
         unknown = sorted(set(opt) - set(SPARSE_DEFAULTS))
         if unknown:
             raise ValueError(f'unknown option(s) {["val.sparse." + k for k in unknown]}; known: {sorted(SPARSE_DEFAULTS)}')
-        return {**SPARSE_DEFAULTS, **opt}
+        opt = {**SPARSE_DEFAULTS, **opt}
+        if not isinstance(opt['enabled'], bool):
+            raise ValueError(f'val.sparse.enabled must be true or false, got {opt["enabled"]!r}')
+        for key in ('margin', 'granularity'):
+            value = opt[key]
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0
+                                      or (key == 'granularity' and value < 1)):
+                raise ValueError(f'val.sparse.{key} must be an integer >= {0 if key == "margin" else 1} (pixels), '
+                                 f'got {value!r}')
+        if opt['margin'] is None:
+            raise ValueError('val.sparse.margin must be an integer >= 0 (pixels), got None')
+        try:  # mode, max_fraction, region_cost
+            SparseDenoiser(None, opt['margin'], 1, opt['max_fraction'], opt['mode'], opt['granularity'],
+                           opt['region_cost'])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f'val.{err}') from None
+        return opt
+
+    def sparse_denoiser(self, net_fn, sparse: dict, multiple: int) -> SparseDenoiser:
+        """The ``val.sparse`` sampler around ``net_fn``; its counters are kept in ``self.sparse_stats``."""
+        denoise = SparseDenoiser(net_fn, sparse['margin'], multiple, sparse['max_fraction'], sparse['mode'],
+                                 sparse['granularity'], sparse['region_cost'])
+        self.sparse_stats = denoise.stats
+        return denoise
 
     def downsampling_factor(self) -> int:
         """Crops for the UNet must be multiples of its total downsampling."""
@@ -412,7 +436,11 @@ class SR3Model(SRModel):
             row = {'index': idx, 'image': img_name}
             for name, opt_ in metrics_opt.items():
                 row[name] = float(calculate_metric(metric_data, opt_))
-            rows.append({**row, 'update_ratio': ratio, 'seconds': seconds})
+            row.update(update_ratio=ratio, seconds=seconds)
+            stats = getattr(self, 'sparse_stats', None)
+            if stats:  # val.sparse: share of the dense network work actually done
+                row['sparse_pixels'] = stats['pixels'] / max(1, stats['dense_pixels'])
+            rows.append(row)
             del self.lq, self.lq_up, self.output
             if hasattr(self, 'gt'):
                 del self.gt
@@ -429,6 +457,8 @@ class SR3Model(SRModel):
         self.metric_results = {name: sum(r[name] for r in rows) / count for name in metrics_opt}
         self.val_extra = {'update_ratio': sum(r['update_ratio'] for r in rows) / count,
                           'sec_per_image': sum(r['seconds'] for r in rows) / count}
+        if rows and all('sparse_pixels' in r for r in rows):
+            self.val_extra['sparse_pixels'] = sum(r['sparse_pixels'] for r in rows) / count
         if rank != 0:
             return
         if metrics_opt:
@@ -439,7 +469,9 @@ class SR3Model(SRModel):
         get_root_logger().info(
             f'Validation {dataset_name}: YODA pixel-update share vs full diffusion {self.val_extra["update_ratio"]:.4f}; '
             f'sampling {self.val_extra["sec_per_image"]:.2f} s/image ({self.sample_schedule.num_steps} steps'
-            + (f', {world_size} ranks' if world_size > 1 else '') + ')')
+            + (f', {world_size} ranks' if world_size > 1 else '') + ')'
+            + (f'; sparse sampling evaluated {self.val_extra["sparse_pixels"]:.4f} of the dense network pixels'
+               if 'sparse_pixels' in self.val_extra else ''))
         if tb_logger is not None:
             for k, v in self.val_extra.items():
                 tb_logger.add_scalar(f'metrics/{dataset_name}/{k}', v, current_iter)

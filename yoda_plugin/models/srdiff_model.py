@@ -143,6 +143,8 @@ class SRDiffModel(SR3Model):
         train.freeze_rrdb: keep the encoder fixed (default true, SRDiff's fix_rrdb).
         val.tile_size / val.tile_overlap / val.tile_margin: tiled sampling in
             HR pixels (null tile_size: whole image).
+        val.sparse: as SR3Model; crops align to lcm(UNet factor, scale) and
+            are tiled like the whole image when larger than a tile.
     """
 
     # Option keys beyond BasicSR's and SR3Model's (read by tests/test_options.py).
@@ -157,9 +159,6 @@ class SRDiffModel(SR3Model):
         diffusion = {**SRDIFF_DIFFUSION_DEFAULTS, **diffusion}
         diffusion.setdefault('sample_steps', diffusion['num_timesteps'])
         val = dict(opt.get('val') or {})
-        if (val.get('sparse') or {}).get('enabled'):
-            raise ValueError('val.sparse is not supported by SRDiffModel (sparse crops are an SR3Model feature); '
-                             'use val.tile_size to bound memory')
         tile = {k: val.pop(k, None) for k in TILE_KEYS}
         self.tile_opt = {'tile_size': tile['tile_size'], 'tile_overlap': tile['tile_overlap'] or 0,
                          'tile_margin': tile['tile_margin']}
@@ -293,6 +292,7 @@ class SRDiffModel(SR3Model):
         generator = self.sampling_generator(seed)
         schedule = self.sample_schedule
         timesteps = schedule.timesteps.to(self.device)
+        self.sparse_stats = None
         lq, lq_up, att = self._padded_inputs()
         feats = net.encode(lq)  # once per image, on the whole LR image
         Hp, Wp = lq_up.shape[2:]
@@ -301,11 +301,28 @@ class SRDiffModel(SR3Model):
             cond = net.project_condition(feats, None if box == (0, Hp, 0, Wp) else box)
             return net.denoise(z_in, timesteps[k], cond)
 
-        denoise = TiledDenoiser(denoise_tile, Hp, Wp, self.tile_opt['tile_size'], self.tile_opt['tile_overlap'],
-                                self.tile_opt['tile_margin'], self.align)
+        def tiled(height, width, top=0, left=0):  # tiles of the crop at (top, left) of size height x width
+            def crop_tile(z_in, k, box):
+                return denoise_tile(z_in, k, (box[0] + top, box[1] + top, box[2] + left, box[3] + left))
+
+            return TiledDenoiser(crop_tile, height, width, self.tile_opt['tile_size'], self.tile_opt['tile_overlap'],
+                                 self.tile_opt['tile_margin'], self.align)
+
+        denoise = tiled(Hp, Wp)
+        sparse = self.sparse_options()
+        pass_mask = bool(sparse['enabled'] and self.yoda.enabled)
+        if pass_mask:  # crops of the active regions, each tiled like the whole image when larger than a tile
+            dense = denoise
+
+            def net_fn(z_in, k, box):
+                if box is None:
+                    return dense(z_in, k)
+                return tiled(box[1] - box[0], box[3] - box[2], box[0], box[2])(z_in, k)
+
+            denoise = self.sparse_denoiser(net_fn, sparse, self.align)
         clip = (-1.0, 1.0) if self.diffusion_opt['clip_denoised'] else None
         z = sample_loop(denoise, schedule, torch.zeros_like(lq_up), att if self.yoda.enabled else None, self.yoda,
-                        generator, clip, self.diffusion_opt['variance'], progress, callback)
+                        generator, clip, self.diffusion_opt['variance'], progress, callback, pass_mask)
         if was_training:
             net.train()
         H, W = self.lq_up.shape[2:]

@@ -1,0 +1,68 @@
+"""The performance benchmark scripts run and print their tables (numbers are machine-dependent: not checked)."""
+import os
+
+from conftest import PYTHON, REPO, run, tiny_options, write_options
+
+
+def table_rows(out, header_start):
+    """Rows (lists of cells) of the Markdown table whose header starts with ``header_start``."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith('|'):
+            break
+        rows.append([c.strip() for c in line.strip().strip('|').split('|')])
+    return rows
+
+
+def test_overhead_benchmark_prints_sparse_variants(tmp_path):
+    proc = run([PYTHON, os.path.join(REPO, 'scripts', 'benchmark_yoda_overhead.py'), '--net', 'small', '--size', '32',
+                '--batch', '1', '--repeats', '2', '--sample-steps', '6', '--sparse', 'bbox:4', 'regions:0',
+                '--region-cost', '0', '--device', 'cpu'], cwd=tmp_path)
+    rows = table_rows(proc.stdout, '| measurement |')
+    assert [r[0] for r in rows][:2] == ['training step, s (median of 2)', 'dense sampling, 6 steps, s (median of 3)']
+    assert any(r[0].startswith('gradient checkpointing training step / plain') and float(r[3]) > 0 for r in rows)
+    sparse = {r[0]: r for r in table_rows(proc.stdout, '| variant (mode:margin) |')}
+    assert set(sparse) == {'bbox:4', 'regions:0'}
+    for r in sparse.values():
+        assert 0 < float(r[3]) <= 1  # share of the dense network pixels
+    assert float(sparse['regions:0'][3]) <= float(sparse['bbox:4'][3])  # no context margin: never more pixels
+
+
+def test_memory_benchmark_measures_and_stops_at_the_limit(tiny_data, tmp_path):
+    opt = tiny_options(tiny_data, name='membench')
+    opt['datasets']['train']['batch_size_per_gpu'] = 4
+    path = write_options(tmp_path / 'opt.yml', opt)
+    script = os.path.join(REPO, 'scripts', 'benchmark_memory.py')
+    proc = run([PYTHON, script, '--options', path, '--device', 'cpu'], cwd=tmp_path)
+    rows = table_rows(proc.stdout, '| scenario |')
+    assert [(r[0], r[3]) for r in rows] == [('membench', 'off'), ('membench', 'on')]
+    for r in rows:
+        assert float(r[4]) > 0 and float(r[6]) >= float(r[4])  # batch 4 measured, at least batch 1's memory
+    # A limit below what batches 1 and 2 use: batch 4 is not run; the table extrapolates and says so.
+    proc = run([PYTHON, script, '--options', path, '--device', 'cpu', '--limit-gb', '1e-9'], cwd=tmp_path)
+    rows = table_rows(proc.stdout, '| scenario |')
+    assert all('extrapolated; largest run: 2' in r[6] and 'not run' in r[8] for r in rows), rows
+
+
+def test_sparse_quality_benchmark_on_a_checkpoint(tiny_data, tmp_path):
+    import torch
+
+    from yoda_plugin.archs.sr3_unet_arch import SR3UNet
+    opt = tiny_options(tiny_data, name='sparse_quality')
+    torch.manual_seed(0)
+    net = SR3UNet(**{k: v for k, v in opt['network_g'].items() if k != 'type'})
+    torch.save({'params_ema': net.state_dict()}, tmp_path / 'net.pth')
+    opt['path'] = {'pretrain_network_g': str(tmp_path / 'net.pth')}
+    path = write_options(tmp_path / 'test.yml', opt)
+    script = os.path.join(REPO, 'scripts', 'benchmark_sparse_quality.py')
+    proc = run([PYTHON, script, '--opt', path, '--variants', 'regions:64', 'regions:0'], cwd=tmp_path)
+    rows = {r[0]: r for r in table_rows(proc.stdout, '| variant |')}
+    assert list(rows) == ['dense', 'regions:64', 'regions:0']
+    # columns: psnr, ssim, PSNR vs dense, pixels evaluated, s/image, time / dense
+    assert rows['dense'][3] == 'inf (reference)' and rows['regions:64'][3] == 'inf'  # context = whole image: exact
+    assert rows['regions:64'][1:3] == rows['dense'][1:3]
+    assert rows['regions:0'][3] != 'inf' and float(rows['regions:0'][4]) < 1  # cropped: fewer pixels, not exact
+    bad = run([PYTHON, script, '--opt', path, '--variants', 'tiles:4'], cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "variant 'tiles:4': expected MODE:MARGIN" in bad.stderr
