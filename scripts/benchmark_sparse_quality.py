@@ -14,6 +14,7 @@ the dense network pixels evaluated, and seconds per image. Check this on your
 checkpoint before enabling ``val.sparse`` for anything you report.
 """
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -24,21 +25,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'ana
 import common  # noqa: E402  (repository on sys.path, yoda_plugin imported)
 
 
-def parse_variant(spec: str):
-    mode, sep, margin = spec.partition(':')
-    if not sep or mode not in ('bbox', 'regions') or not margin.isdigit():
-        raise argparse.ArgumentTypeError(f'variant {spec!r}: expected MODE:MARGIN with MODE bbox or regions and '
-                                         f'MARGIN an integer >= 0 (pixels), e.g. regions:8')
-    return mode, int(margin)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--opt', required=True, help='test option file (model, network, diffusion, yoda, test dataset)')
     p.add_argument('--checkpoint', help='default: the option file\'s path.pretrain_network_g')
     p.add_argument('--param-key', default='params_ema')
     p.add_argument('--dataset', help='dataset section or name (default: the first test/val section)')
-    p.add_argument('--variants', nargs='+', type=parse_variant, default=[('bbox', 8), ('regions', 8), ('regions', 0)])
+    p.add_argument('--variants', nargs='+', type=common.parse_sparse_spec,
+                   default=[('bbox', 8), ('regions', 8), ('regions', 0)], help='MODE:MARGIN of each sparse run')
     p.add_argument('--region-cost', type=float, default=0, help='val.sparse.region_cost (pixels per network call)')
     p.add_argument('--max-fraction', type=float, default=0.9, help='val.sparse.max_fraction')
     p.add_argument('--num-images', type=int, help='only the first N images')
@@ -48,7 +42,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from basicsr.metrics import calculate_metric
-    from basicsr.metrics.psnr_ssim import calculate_psnr
+    import numpy as np
     from basicsr.utils import tensor2img
     from torch.utils.data import default_collate
 
@@ -78,7 +72,7 @@ def main(argv=None):
             rows[name]['pixels'].append(1.0 if stats is None else stats['pixels'] / max(1, stats['dense_pixels']))
             if dense_img is None:
                 dense_img = img
-            rows[name]['vs_dense'].append(calculate_psnr(img, dense_img, crop_border=0))
+            rows[name]['vs_dense'].append(float(np.mean((img.astype(np.float64) - dense_img) ** 2)))
             if hr is not None:
                 for metric, mopt in metrics_opt.items():
                     rows[name][metric].append(float(calculate_metric({'img': img, 'img2': hr}, mopt)))
@@ -94,7 +88,8 @@ def main(argv=None):
     print('| --- ' * (len(metric_cols) + 5) + '|')
     for name in names:
         r = rows[name]
-        vs = mean(r['vs_dense'])
+        mse = mean(r['vs_dense'])  # pooled over the images: one identical image does not make it inf
+        vs = float('inf') if mse == 0 else 10 * math.log10(255.0**2 / mse)
         cells = [f'{mean(r[m]):.4f}' for m in metric_cols]
         cells += ['inf (reference)' if name == 'dense' else ('inf' if vs == float('inf') else f'{vs:.2f}'),
                   f'{mean(r["pixels"]):.3f}', f'{mean(r["seconds"]):.3f}', f'{mean(r["seconds"]) / dense_s:.3f}']

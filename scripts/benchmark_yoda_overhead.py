@@ -104,6 +104,38 @@ def fast_paths(net, hr, cond, att, schedule, yoda, device, with_compile, repeats
     return {name: results[name] for name in variants}
 
 
+def gaussian_attention(size, batch, device):
+    """The centred Gaussian baseline of the paper (values spread over [0, 1]), (batch, 1, size, size)."""
+    from yoda_plugin.attention import build_attention_source
+    gauss = build_attention_source('gaussian')(torch.zeros(size, size, 3).numpy())
+    return torch.from_numpy(gauss).to(device)[None, None].expand(batch, 1, -1, -1).contiguous()
+
+
+def coverage_table(args):
+    """Evaluated-pixel share of each sparse variant per image size, from the masks alone."""
+    schedule = DiffusionSchedule(make_beta_schedule('linear', 500, 4e-6, 4e-2)).respace(args.sample_steps)
+    multiple = 2**(len(NETS[args.net]['channel_mults']) - 1)
+    print(f'\nShare of the dense network pixels that sparse sampling evaluates (Gaussian maps, l={args.lower_bound}, '
+          f'{args.sample_steps} steps, {args.net} UNet factor {multiple}, region_cost {args.region_cost:g}, '
+          f'max_fraction 0.9); in brackets: / YODA\'s share of pixel updates (target <= 1.1)')
+    print('| HR size | YODA share | ' + ' | '.join(args.sparse) + ' |')
+    print('| --- ' * (len(args.sparse) + 2) + '|')
+    for size in args.coverage:
+        att = gaussian_attention(size, 1, torch.device('cpu'))
+        share = float(pixel_update_ratio(att, args.lower_bound, schedule.timesteps, 500).mean())
+        cells = []
+        for spec in args.sparse:
+            mode, _, margin = spec.partition(':')
+            fn = SparseDenoiser(lambda z, k, box: torch.zeros_like(z), int(margin or 0), multiple, 0.9, mode,
+                                region_cost=args.region_cost)
+            sample_loop(fn, schedule, torch.zeros(1, 3, size, size), att, YODAConfig(lower_bound=args.lower_bound),
+                        torch.Generator().manual_seed(0), pass_mask=True)
+            evaluated = fn.stats['pixels'] / fn.stats['dense_pixels']
+            cells.append(f'{evaluated:.3f} ({evaluated / share:.2f})')
+        print(f'| {size} | {share:.3f} | ' + ' | '.join(cells) + ' |')
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--net', choices=sorted(NETS), default='small')
@@ -118,6 +150,9 @@ def main(argv=None):
                    help='sparse sampling variants MODE:MARGIN (modes: bbox, regions)')
     p.add_argument('--region-cost', type=float, default=1024, help='val.sparse.region_cost of the regions mode')
     p.add_argument('--compile', action='store_true', help='also time torch.compile (compiles first: minutes)')
+    p.add_argument('--coverage', type=int, nargs='+', metavar='SIZE',
+                   help='only print the share of network pixels each --sparse variant evaluates for Gaussian maps '
+                        'of these HR sizes (masks only, no network: seconds)')
     p.add_argument('--data-opt', help='an option file whose datasets.train to time (samples/s of LMDB read, decode, '
                    'augment), e.g. options/demo/train_sr3_yoda_demo.yml after the demo built its data')
     p.add_argument('--checkpoint', help='net_g_*.pth whose params_ema fit --net (e.g. the demo model with '
@@ -125,6 +160,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
+    if args.coverage:
+        return coverage_table(args)
 
     net = SR3UNet(image_size=args.size, **NETS[args.net]).to(device)
     if args.checkpoint:
@@ -135,10 +172,7 @@ def main(argv=None):
     sample_schedule = schedule.respace(args.sample_steps)
     hr = torch.rand(args.batch, 3, args.size, args.size, device=device) * 2 - 1
     cond = torch.nn.functional.avg_pool2d(hr, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
-    # Attention: the centred Gaussian baseline of the paper (values spread over [0, 1]).
-    from yoda_plugin.attention import build_attention_source
-    gauss = build_attention_source('gaussian')(torch.zeros(args.size, args.size, 3).numpy())
-    att = torch.from_numpy(gauss).to(device)[None, None].expand(args.batch, 1, -1, -1).contiguous()
+    att = gaussian_attention(args.size, args.batch, device)
     yoda, vanilla = YODAConfig(lower_bound=args.lower_bound), YODAConfig(enabled=False)
 
     def train_step(cfg):

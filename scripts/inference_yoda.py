@@ -138,15 +138,16 @@ def _pad(x: torch.Tensor, bottom: int, right: int, mode: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_sr3_tiled(model, tile: int, overlap: int, seed: int) -> torch.Tensor:
+def sample_sr3_tiled(model, tile: int, overlap: int, seed: int, sparse: dict = None) -> torch.Tensor:
     """SR3Model.sample for the fed image, with the network evaluated in blended tiles.
 
     yoda_plugin.core.tiling.TiledDenoiser keeps the state z_t, the YODA masks and the noise global and only
     splits the network evaluation, so tiles never drift apart. Sides are reflect-padded to the network's
-    multiple (the attention map replicate-padded) and cropped back.
+    multiple (the attention map replicate-padded) and cropped back. ``sparse`` (val.sparse options, enabled)
+    evaluates only crops around the active pixels, each tiled the same way.
     """
     from yoda_plugin.core import sample_loop
-    from yoda_plugin.core.tiling import TiledDenoiser
+    from yoda_plugin.core.tiling import tiled_net_fn
     multiple = size_multiple(model)
     H, W = model.lq_up.shape[2:]
     Hp, Wp = -(-H // multiple) * multiple, -(-W // multiple) * multiple
@@ -163,17 +164,23 @@ def sample_sr3_tiled(model, tile: int, overlap: int, seed: int) -> torch.Tensor:
         noise_level = schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1)
         return net(z_in, cond[..., top:bottom, left:right], noise_level)  # SR3's conditioning, as SR3Model
 
-    denoise = TiledDenoiser(denoise_tile, Hp, Wp, tile or None, overlap, None, multiple)
+    denoise = tiled = tiled_net_fn(denoise_tile, Hp, Wp, tile or None, overlap, None, multiple)
+    use_sparse = bool(sparse and sparse.get('enabled') and model.yoda.enabled and att is not None)
+    model.sparse_stats = None
+    if use_sparse:
+        model.opt.setdefault('val', {})['sparse'] = sparse
+        denoise = model.sparse_denoiser(denoise, model.sparse_options(), multiple)  # defaults filled, checked
     generator = torch.Generator(device=model.device)
     generator.manual_seed(int(seed))
     clip = (-1.0, 1.0) if model.diffusion_opt['clip_denoised'] else None
     z = sample_loop(denoise, schedule, cond, att if model.yoda.enabled else None, model.yoda, generator, clip,
-                    model.diffusion_opt['variance'])
-    return ((z[:, :, :H, :W] + 1) / 2).clamp(0, 1), denoise.num_tiles
+                    model.diffusion_opt['variance'], pass_mask=use_sparse)
+    return ((z[:, :, :H, :W] + 1) / 2).clamp(0, 1), tiled.num_tiles
 
 
 @torch.no_grad()
-def super_resolve(model, lr: np.ndarray, att_lr, scale: int, tile: int, overlap: int, seed: int, resize: str):
+def super_resolve(model, lr: np.ndarray, att_lr, scale: int, tile: int, overlap: int, seed: int, resize: str,
+                  sparse: dict = None):
     """SR image (H, W, 3) float in [0, 1], the HR-grid attention (or None) and the number of tiles."""
     from yoda_plugin.data.transforms import bicubic_resize, resize_attention
     H, W = lr.shape[0] * scale, lr.shape[1] * scale
@@ -190,12 +197,14 @@ def super_resolve(model, lr: np.ndarray, att_lr, scale: int, tile: int, overlap:
         if tile:
             size, ov, margin = check_tiling(tile, overlap, None, model.align, where='--tile')
             model.tile_opt.update(tile_size=size, tile_overlap=ov, tile_margin=margin)
+        if sparse:
+            model.opt.setdefault('val', {})['sparse'] = sparse
         out = model.sample(seed=seed)
         m = model.align
         n_tiles = TiledDenoiser(None, -(-H // m) * m, -(-W // m) * m, model.tile_opt['tile_size'],
                                 model.tile_opt['tile_overlap'], model.tile_opt['tile_margin'], m).num_tiles
     else:
-        out, n_tiles = sample_sr3_tiled(model, tile, overlap, seed)
+        out, n_tiles = sample_sr3_tiled(model, tile, overlap, seed, sparse)
     return out[0].cpu().numpy().transpose(1, 2, 0).astype(np.float64), att, n_tiles
 
 
@@ -231,6 +240,10 @@ def build_parser():
     p.add_argument('--tile', type=int, help='HR tile size (default: network_g.image_size; 0: no tiling)')
     p.add_argument('--tile-overlap', type=int, help='HR pixels shared by neighbouring tiles (default: tile / 4, '
                                                     'a multiple of the network\'s size multiple)')
+    p.add_argument('--sparse', type=common.parse_sparse_spec, metavar='MODE:MARGIN',
+                   help='sparse YODA sampling (val.sparse): network only on crops around the active pixels, e.g. '
+                        'regions:8 (an approximation: see README, Performance)')
+    p.add_argument('--region-cost', type=float, default=1024, help='val.sparse.region_cost with --sparse regions:*')
     p.add_argument('--suffix', default='', help='appended to output file stems')
     p.add_argument('--save-previews', action='store_true', help='also write the attention map and mask preview')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
@@ -262,6 +275,15 @@ def main(argv=None) -> int:
                 raise SetupError(f'{err} (--tile {tile}, --tile-overlap {overlap})') from err
             if overlap == 0:
                 raise SetupError('--tile-overlap must be > 0: neighbouring tiles are blended')
+        sparse = None
+        if args.sparse:
+            sparse = {'enabled': True, 'mode': args.sparse[0], 'margin': args.sparse[1], 'max_fraction': 0.9,
+                      'region_cost': args.region_cost}
+            model.opt.setdefault('val', {})['sparse'] = sparse
+            try:
+                sparse = model.sparse_options()  # with the defaults of the keys not given
+            except ValueError as err:
+                raise SetupError(str(err)) from err
         resize = next((ds.get('resize', 'pil') for ds in (opt.get('datasets') or {}).values() if ds), 'pil')
     except SetupError as err:
         print(f'error: {err}', file=sys.stderr)
@@ -280,7 +302,7 @@ def main(argv=None) -> int:
             lr = read_image(path)
             start = time.perf_counter()
             att_lr = source(lr) if source is not None else None
-            sr, att_hr, n_tiles = super_resolve(model, lr, att_lr, scale, tile, overlap, args.seed, resize)
+            sr, att_hr, n_tiles = super_resolve(model, lr, att_lr, scale, tile, overlap, args.seed, resize, sparse)
             out = os.path.join(args.output, f'{stem}{args.suffix}.png')
             if not cv2.imwrite(out, to_uint8(sr)[:, :, ::-1]):
                 raise OSError(f'cannot write {out}')
@@ -289,7 +311,9 @@ def main(argv=None) -> int:
                 cv2.imwrite(os.path.join(args.output, f'{stem}_mask.png'), to_uint8(refinement_share(model, att_hr)))
             used.add(stem)
             written.append(out)
-            bar.write(f'{name}: {lr.shape[1]}x{lr.shape[0]} -> {sr.shape[1]}x{sr.shape[0]}, {n_tiles} tile(s), '
+            stats = getattr(model, 'sparse_stats', None)
+            share = f', network on {stats["pixels"] / max(1, stats["dense_pixels"]):.3f} of the pixels' if stats else ''
+            bar.write(f'{name}: {lr.shape[1]}x{lr.shape[0]} -> {sr.shape[1]}x{sr.shape[0]}, {n_tiles} tile(s){share}, '
                       f'{time.perf_counter() - start:.1f} s -> {out}', file=sys.stderr)
         except Exception as err:  # one bad input must not stop the batch
             failed.append((path, f'{type(err).__name__}: {err}'))

@@ -216,6 +216,14 @@ def test_inference_folder_with_bad_files(run, tmp_path, capsys):
     assert mod.main([str(folder / 'a_small.png'), '-o', str(again), '--opt', run['opt_yoda'], '--checkpoint',
                      run['ckpt'], '--source', 'edge', '--seed', '3', '--device', 'cpu', '--quiet']) == 0
     assert np.array_equal(cv2.imread(str(again / 'a_small.png')), cv2.imread(str(out / 'a_small.png')))
+    assert mod.main([str(folder / 'b_large.jpg'), '-o', str(again), '--opt', run['opt_yoda'], '--checkpoint',
+                     run['ckpt'], '--source', 'edge', '--device', 'cpu', '--tile-overlap', '8', '--sparse', 'regions:4',
+                     '--region-cost', '0', '--quiet']) == 0
+    assert 'b_large.jpg: 10x12 -> 40x48, 4 tile(s), network on ' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage error, exit status 2
+        mod.main([str(folder), '-o', str(again), '--opt', run['opt_yoda'], '--sparse', 'tiles:4'])
+    assert exit_info.value.code == 2
+    assert "sparse variant 'tiles:4'" in capsys.readouterr().err
     assert mod.main([str(folder), '-o', str(again), '--opt', run['opt_yoda'], '--checkpoint',
                      str(tmp_path / 'missing.pth'), '--quiet']) == 2
 
@@ -234,3 +242,11 @@ def test_inference_sampling_matches_model(run, tmp_path):
     assert np.array_equal(sr, reference.astype(np.float64))
     tiled, _, n = mod.super_resolve(model, lr, att, 4, 24, 8, 7, 'pil')
     assert n == 4 and tiled.shape == sr.shape and np.isfinite(tiled).all()  # 32x40 in 24-pixel tiles: 2 x 2
+    # --sparse: the script's path equals SR3Model.sample with the same val.sparse, bit for bit.
+    sparse = {'enabled': True, 'mode': 'regions', 'margin': 0, 'max_fraction': 1.0, 'region_cost': 0}
+    sr_sparse, _, _ = mod.super_resolve(model, lr, att, 4, 0, 0, 7, 'pil', sparse)
+    assert model.sparse_stats['cropped_calls'] > 0
+    model.opt.setdefault('val', {})['sparse'] = sparse
+    reference = model.sample(seed=7)[0].numpy().transpose(1, 2, 0)
+    assert np.array_equal(sr_sparse, reference.astype(np.float64))
+    assert not np.array_equal(sr_sparse, sr)  # no context margin: an approximation of dense sampling

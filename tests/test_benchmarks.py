@@ -65,4 +65,14 @@ def test_sparse_quality_benchmark_on_a_checkpoint(tiny_data, tmp_path):
     assert rows['regions:64'][1:3] == rows['dense'][1:3]
     assert rows['regions:0'][3] != 'inf' and float(rows['regions:0'][4]) < 1  # cropped: fewer pixels, not exact
     bad = run([PYTHON, script, '--opt', path, '--variants', 'tiles:4'], cwd=tmp_path, check=False)
-    assert bad.returncode == 2 and "variant 'tiles:4': expected MODE:MARGIN" in bad.stderr
+    assert bad.returncode == 2 and "sparse variant 'tiles:4': expected MODE:MARGIN" in bad.stderr
+
+
+def test_coverage_table_from_masks_alone(tmp_path):
+    proc = run([PYTHON, os.path.join(REPO, 'scripts', 'benchmark_yoda_overhead.py'), '--net', 'small', '--coverage',
+                '32', '64', '--sample-steps', '20', '--sparse', 'bbox:8', 'regions:0'], cwd=tmp_path)
+    rows = table_rows(proc.stdout, '| HR size |')
+    assert [r[0] for r in rows] == ['32', '64']
+    for size, share, bbox, regions in rows:
+        share, bbox, regions = float(share), float(bbox.split()[0]), float(regions.split()[0])
+        assert 0 < share < 1 and share <= regions <= bbox <= 1  # no variant evaluates fewer pixels than YODA updates

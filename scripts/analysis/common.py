@@ -48,6 +48,16 @@ def label_and_path(spec: str) -> Tuple[str, str]:
 
 # ----------------------------------------------------------------------------------------------- options
 
+def parse_sparse_spec(spec: str) -> Tuple[str, int]:
+    """``MODE:MARGIN`` (e.g. ``regions:8``) of sparse sampling, as (mode, margin); argparse type."""
+    import argparse
+    mode, sep, margin = spec.partition(':')
+    if not sep or mode not in ('bbox', 'regions') or not margin.isdigit():
+        raise argparse.ArgumentTypeError(f'sparse variant {spec!r}: expected MODE:MARGIN with MODE bbox or regions '
+                                         f'and MARGIN an integer >= 0 (pixels), e.g. regions:8')
+    return mode, int(margin)
+
+
 def load_options(path: str) -> dict:
     from yoda_plugin.utils.options import load_options as _load
     return _load(path)

@@ -155,16 +155,22 @@ class SparseDenoiser:
 
     def __init__(self, net_fn: Callable, margin: int = 32, multiple: int = 16, max_fraction: float = 0.7,
                  mode: str = 'bbox', granularity: Optional[int] = None, region_cost: float = 0.0):
-        if not 0 < max_fraction <= 1:
-            raise ValueError(f'sparse.max_fraction must be in (0, 1], got {max_fraction}')
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(margin) or margin < 0:
+            raise ValueError(f'sparse.margin must be an integer >= 0 (pixels of context), got {margin!r}')
+        if not is_int(multiple) or multiple < 1:
+            raise ValueError(f'sparse crops need a size multiple >= 1 (the UNet factor), got {multiple!r}')
+        if not isinstance(max_fraction, (int, float)) or not 0 < max_fraction <= 1:
+            raise ValueError(f'sparse.max_fraction must be in (0, 1], got {max_fraction!r}')
         if mode not in SPARSE_MODES:
             raise ValueError(f'sparse.mode must be one of {SPARSE_MODES}, got {mode!r}')
-        _check(int(margin), int(multiple))
-        if granularity is not None and int(granularity) < 1:
-            raise ValueError(f'sparse.granularity must be >= 1 pixel (or None: the downsampling factor), '
-                             f'got {granularity}')
-        if not float(region_cost) >= 0:
-            raise ValueError(f'sparse.region_cost must be >= 0 (pixels per network call), got {region_cost}')
+        if granularity is not None and (not is_int(granularity) or granularity < 1):
+            raise ValueError(f'sparse.granularity must be an integer >= 1 (pixels; null: the size multiple), '
+                             f'got {granularity!r}')
+        if not isinstance(region_cost, (int, float)) or isinstance(region_cost, bool) or not region_cost >= 0:
+            raise ValueError(f'sparse.region_cost must be >= 0 (pixels charged per network call), got {region_cost!r}')
         self.net_fn, self.margin, self.multiple, self.max_fraction = net_fn, int(margin), int(multiple), max_fraction
         self.mode, self.granularity, self.region_cost = mode, granularity, float(region_cost)
         self.stats = {'calls': 0, 'cropped_calls': 0, 'crops': 0, 'pixels': 0, 'dense_pixels': 0}

@@ -132,12 +132,20 @@ class TiledDenoiser:
     ``z_in[..., top:bottom, left:right]`` of the full image; ``box`` lets it
     crop its own conditioning (LR features, upsampled LR image) to match.
     ``tile_size=None`` (or an image no larger than a tile) runs the whole
-    image as one tile.
+    image as one tile. ``origin=(top, left)`` places this ``height`` x
+    ``width`` area inside a larger image: the boxes given to ``denoise_tile``
+    are then in that image's coordinates (see :func:`tiled_net_fn`).
     """
 
     def __init__(self, denoise_tile: TileDenoiseFn, height: int, width: int, tile_size: Optional[int],
-                 overlap: int = 0, margin: Optional[int] = None, align: int = 1):
+                 overlap: int = 0, margin: Optional[int] = None, align: int = 1, origin: Tuple[int, int] = (0, 0)):
+        top, left = origin
         self.denoise_tile = denoise_tile
+        if top or left:
+            def shifted(z_in, k, box):
+                return denoise_tile(z_in, k, (box[0] + top, box[1] + top, box[2] + left, box[3] + left))
+
+            self.denoise_tile = shifted
         self.height, self.width = height, width
         if tile_size is None or (height <= tile_size and width <= tile_size):
             self.boxes = [(0, height, 0, width)]
@@ -185,3 +193,25 @@ class TiledDenoiser:
             acc[region] += w * (eps - ref[region])
             wsum[region] += w
         return ref + acc / wsum
+
+
+def tiled_net_fn(denoise_tile: TileDenoiseFn, height: int, width: int, tile_size: Optional[int], overlap: int = 0,
+                 margin: Optional[int] = None, align: int = 1) -> Callable:
+    """``net_fn(z_in, k, box)`` for :class:`~yoda_plugin.core.sparse.SparseDenoiser` that tiles every call.
+
+    ``box=None`` evaluates the whole ``height`` x ``width`` image, a box the
+    crop ``z_in`` at that place; both in tiles of the same layout rules (a crop
+    no larger than a tile is one call). ``denoise_tile`` always receives boxes
+    in whole-image coordinates, so it can crop its conditioning.
+    """
+    whole = TiledDenoiser(denoise_tile, height, width, tile_size, overlap, margin, align)
+
+    def net_fn(z_in: torch.Tensor, k: torch.Tensor, box: Optional[Box] = None) -> torch.Tensor:
+        if box is None:
+            return whole(z_in, k)
+        top, bottom, left, right = box
+        return TiledDenoiser(denoise_tile, bottom - top, right - left, tile_size, overlap, margin, align,
+                             (top, left))(z_in, k)
+
+    net_fn.num_tiles = whole.num_tiles  # of the whole image
+    return net_fn

@@ -342,18 +342,10 @@ class SR3Model(SRModel):
         opt = {**SPARSE_DEFAULTS, **opt}
         if not isinstance(opt['enabled'], bool):
             raise ValueError(f'val.sparse.enabled must be true or false, got {opt["enabled"]!r}')
-        for key in ('margin', 'granularity'):
-            value = opt[key]
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0
-                                      or (key == 'granularity' and value < 1)):
-                raise ValueError(f'val.sparse.{key} must be an integer >= {0 if key == "margin" else 1} (pixels), '
-                                 f'got {value!r}')
-        if opt['margin'] is None:
-            raise ValueError('val.sparse.margin must be an integer >= 0 (pixels), got None')
-        try:  # mode, max_fraction, region_cost
+        try:  # the sampler checks the other values
             SparseDenoiser(None, opt['margin'], 1, opt['max_fraction'], opt['mode'], opt['granularity'],
                            opt['region_cost'])
-        except (TypeError, ValueError) as err:
+        except ValueError as err:
             raise ValueError(f'val.{err}') from None
         return opt
 

@@ -40,7 +40,7 @@ from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from yoda_plugin.core import sample_loop, training_inputs
-from yoda_plugin.core.tiling import TiledDenoiser, check_tiling
+from yoda_plugin.core.tiling import check_tiling, tiled_net_fn
 
 from .sr3_model import SR3Model
 
@@ -301,25 +301,14 @@ class SRDiffModel(SR3Model):
             cond = net.project_condition(feats, None if box == (0, Hp, 0, Wp) else box)
             return net.denoise(z_in, timesteps[k], cond)
 
-        def tiled(height, width, top=0, left=0):  # tiles of the crop at (top, left) of size height x width
-            def crop_tile(z_in, k, box):
-                return denoise_tile(z_in, k, (box[0] + top, box[1] + top, box[2] + left, box[3] + left))
-
-            return TiledDenoiser(crop_tile, height, width, self.tile_opt['tile_size'], self.tile_opt['tile_overlap'],
-                                 self.tile_opt['tile_margin'], self.align)
-
-        denoise = tiled(Hp, Wp)
+        net_fn = tiled_net_fn(denoise_tile, Hp, Wp, self.tile_opt['tile_size'], self.tile_opt['tile_overlap'],
+                              self.tile_opt['tile_margin'], self.align)
         sparse = self.sparse_options()
         pass_mask = bool(sparse['enabled'] and self.yoda.enabled)
         if pass_mask:  # crops of the active regions, each tiled like the whole image when larger than a tile
-            dense = denoise
-
-            def net_fn(z_in, k, box):
-                if box is None:
-                    return dense(z_in, k)
-                return tiled(box[1] - box[0], box[3] - box[2], box[0], box[2])(z_in, k)
-
             denoise = self.sparse_denoiser(net_fn, sparse, self.align)
+        else:
+            denoise = net_fn
         clip = (-1.0, 1.0) if self.diffusion_opt['clip_denoised'] else None
         z = sample_loop(denoise, schedule, torch.zeros_like(lq_up), att if self.yoda.enabled else None, self.yoda,
                         generator, clip, self.diffusion_opt['variance'], progress, callback, pass_mask)
