@@ -143,6 +143,7 @@ def main(argv=None):
     p.add_argument('--batch', type=int, default=4)
     p.add_argument('--repeats', type=int, default=10, help='A/B pairs of training steps')
     p.add_argument('--sample-steps', type=int, default=20)
+    p.add_argument('--full-steps', type=int, default=200, help='T_eval of the paper options, for the s/image row')
     p.add_argument('--lower-bound', type=float, default=0.4)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--seed', type=int, default=0)
@@ -283,6 +284,9 @@ def main(argv=None):
     print(f'| training step, s (median of {args.repeats}) | {train_v:.4f} | {train_y:.4f} | {train_y / train_v:.3f} |')
     print(f'| dense sampling, {args.sample_steps} steps, s (median of 3) | {samp_v:.3f} | {samp_y:.3f} | '
           f'{samp_y / samp_v:.3f} |')
+    per_image = args.full_steps / args.sample_steps / args.batch
+    print(f'| full sampling, {args.full_steps} steps, s per image (from the {args.sample_steps}-step time) | '
+          f'{samp_v * per_image:.2f} | {samp_y * per_image:.2f} | {samp_y / samp_v:.3f} |')
     print(f'| pixel updates (share of full diffusion), l={args.lower_bound} | 1.000 | {share:.3f} | {share:.3f} |')
     print(f'| network forward, batch 1, s | {forward:.4f} | | |')
     print(f'| gradient checkpointing training step / plain (median of {len(ckpt_times["plain"]) - 1}) | | | '
