@@ -35,32 +35,35 @@ def local_net():
                                torch.nn.SiLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
 
 
-@torch.no_grad()
-def test_sparse_equals_dense_for_a_local_network():
+def local_case(size, blobs):
+    """A local network's ``net_fn``, and ``run(fn)`` sampling with it from fixed noise (the dense run: fn=None)."""
     net = local_net()
     schedule = DiffusionSchedule(make_beta_schedule('linear', 100, 1e-4, 0.05)).respace(25)
-    cond = torch.rand(2, 3, 48, 48) * 2 - 1
-    att = torch.zeros(2, 1, 48, 48)
-    att[0, 0, 4:14, 6:20] = 1.0  # a small, high-attention region: refined early, the rest late
-    att[1, 0, 8:12, 8:12] = 0.8
-    cfg = YODAConfig(lower_bound=0.2)
-
-    def dense(z, k):
-        return net(torch.cat([cond, z], 1)) * 0.1
+    cond = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    att = torch.zeros(2, 1, size, size)
+    for b, top, bottom, left, right, value in blobs:  # high-attention regions: refined early, the rest late
+        att[b, 0, top:bottom, left:right] = value
 
     def net_fn(z, k, box):
         c = cond if box is None else cond[..., box[0]:box[1], box[2]:box[3]]
         return net(torch.cat([c, z], 1)) * 0.1
 
+    def run(fn=None):
+        return sample_loop(fn or (lambda z, k: net_fn(z, k, None)), schedule, cond, att, YODAConfig(lower_bound=0.2),
+                           torch.Generator().manual_seed(1), pass_mask=fn is not None)
+
+    return net_fn, run
+
+
+@torch.no_grad()
+def test_sparse_equals_dense_for_a_local_network():
+    net_fn, run = local_case(48, [(0, 4, 14, 6, 20, 1.0), (1, 8, 12, 8, 12, 0.8)])
     sparse = SparseDenoiser(net_fn, margin=4, multiple=4, max_fraction=0.7)
-    a = sample_loop(dense, schedule, cond, att, cfg, torch.Generator().manual_seed(1))
-    b = sample_loop(sparse, schedule, cond, att, cfg, torch.Generator().manual_seed(1), pass_mask=True)
+    a, b = run(), run(sparse)
     assert sparse.stats['cropped_calls'] > 0 and sparse.stats['pixels'] < sparse.stats['dense_pixels']
     assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
     # Too little context breaks exactness: the test can tell.
-    narrow = SparseDenoiser(net_fn, margin=0, multiple=1, max_fraction=0.7)
-    c = sample_loop(narrow, schedule, cond, att, cfg, torch.Generator().manual_seed(1), pass_mask=True)
-    assert not torch.allclose(a, c, atol=1e-5)
+    assert not torch.allclose(a, run(SparseDenoiser(net_fn, margin=0, multiple=1, max_fraction=0.7)), atol=1e-5)
 
 
 @torch.no_grad()
@@ -142,27 +145,14 @@ def test_active_regions_cover_every_active_pixel_once(height, width, blobs, marg
 
 @torch.no_grad()
 def test_region_sparse_equals_dense_for_a_local_network():
-    net = local_net()
-    schedule = DiffusionSchedule(make_beta_schedule('linear', 100, 1e-4, 0.05)).respace(25)
-    cond = torch.rand(2, 3, 64, 64) * 2 - 1
-    att = torch.zeros(2, 1, 64, 64)
-    att[0, 0, 2:10, 2:14] = 1.0  # two far-apart blobs: several crops per step
-    att[0, 0, 48:60, 44:62] = 0.9
-    att[1, 0, 30:34, 4:10] = 0.8
-    cfg = YODAConfig(lower_bound=0.2)
-
-    def net_fn(z, k, box):
-        c = cond if box is None else cond[..., box[0]:box[1], box[2]:box[3]]
-        return net(torch.cat([c, z], 1)) * 0.1
-
-    dense = sample_loop(lambda z, k: net_fn(z, k, None), schedule, cond, att, cfg, torch.Generator().manual_seed(1))
+    # Two far-apart blobs in one image, one in the other: several crops per step.
+    net_fn, run = local_case(64, [(0, 2, 10, 2, 14, 1.0), (0, 48, 60, 44, 62, 0.9), (1, 30, 34, 4, 10, 0.8)])
     regions = SparseDenoiser(net_fn, margin=3, multiple=4, max_fraction=0.9, mode='regions')
     bbox = SparseDenoiser(net_fn, margin=3, multiple=4, max_fraction=0.9, mode='bbox')
-    a = sample_loop(regions, schedule, cond, att, cfg, torch.Generator().manual_seed(1), pass_mask=True)
-    sample_loop(bbox, schedule, cond, att, cfg, torch.Generator().manual_seed(1), pass_mask=True)
+    dense, a = run(), run(regions)
+    run(bbox)
     assert regions.stats['crops'] > regions.stats['cropped_calls'] > 0
     assert regions.stats['pixels'] < bbox.stats['pixels']  # the blobs' boxes instead of their hull
     assert torch.allclose(dense, a, atol=1e-5), float((dense - a).abs().max())
     narrow = SparseDenoiser(net_fn, margin=1, multiple=1, max_fraction=0.9, mode='regions')
-    c = sample_loop(narrow, schedule, cond, att, cfg, torch.Generator().manual_seed(1), pass_mask=True)
-    assert not torch.allclose(dense, c, atol=1e-5)  # a margin below the receptive field (3) is not exact
+    assert not torch.allclose(dense, run(narrow), atol=1e-5)  # a margin below the receptive field (3) is not exact
