@@ -135,6 +135,17 @@ def train_log(exp):
     return '\n'.join(open(p, encoding='utf-8').read() for p in logs)
 
 
+def raw_values(path):
+    """Every key and value of an LMDB as stored (bytes), e.g. to check that a rerun left them untouched."""
+    import lmdb
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return {bytes(k).decode(): bytes(v) for k, v in txn.cursor()}
+    finally:
+        env.close()
+
+
 def load_precompute_script(module_name='precompute_attention'):
     """scripts/precompute_attention.py as a module (scripts/ is no package)."""
     spec = importlib.util.spec_from_file_location(module_name, PRECOMPUTE_SCRIPT)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import load_precompute_script
+from conftest import load_precompute_script, raw_values
 from yoda_plugin.attention import build_attention_source
 from yoda_plugin.data.attention_lmdb import (AttentionLMDBLockedError, AttentionLMDBWriter, MissingAttentionKeyError,
                                              check_attention_meta, decode_attention, make_attention_meta,
@@ -33,15 +33,6 @@ def script():
 
 def gaussian_meta(**extra):
     return make_attention_meta(build_attention_source('gaussian'), grid='lr', **extra)
-
-
-def raw_values(path):
-    env = lmdb.open(str(path), readonly=True, lock=False)
-    try:
-        with env.begin() as txn:
-            return {bytes(k).decode(): bytes(v) for k, v in txn.cursor()}
-    finally:
-        env.close()
 
 
 # --------------------------------------------------------------------------- round trip and layout

@@ -4,11 +4,10 @@ import os
 import subprocess
 
 import cv2
-import lmdb
 import numpy as np
 import pytest
 
-from conftest import PYTHON, REPO, load_precompute_script, run_env
+from conftest import PYTHON, REPO, load_precompute_script, raw_values, run_env
 from yoda_plugin.attention import build_attention_source
 from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter, make_attention_meta, read_meta_info
 
@@ -39,15 +38,6 @@ def write_images(folder, corrupt=None):
     if corrupt:
         (folder / f'{corrupt}.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'garbage' * 10)
     return folder
-
-
-def raw_values(path):
-    env = lmdb.open(str(path), readonly=True, lock=False)
-    try:
-        with env.begin() as txn:
-            return {bytes(k).decode(): bytes(v) for k, v in txn.cursor()}
-    finally:
-        env.close()
 
 
 @pytest.fixture(scope='module')
