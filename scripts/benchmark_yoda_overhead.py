@@ -34,7 +34,8 @@ except ImportError:
 
 from yoda_plugin.archs.sr3_unet_arch import SR3UNet  # noqa: E402
 from yoda_plugin.core import (DiffusionSchedule, SparseDenoiser, YODAConfig, make_beta_schedule,  # noqa: E402
-                              masked_noise_loss, pixel_update_ratio, sample_loop, training_inputs)
+                              masked_noise_loss, pixel_update_ratio, sample_loop, time_dependent_mask,
+                              training_inputs)
 
 NETS = {
     'paper': dict(base_channels=64, channel_mults=(1, 2, 4, 8, 8), num_res_blocks=3, attn_resolutions=(16, ),
@@ -111,15 +112,30 @@ def gaussian_attention(size, batch, device):
     return torch.from_numpy(gauss).to(device)[None, None].expand(batch, 1, -1, -1).contiguous()
 
 
+def context_bound(att, lower_bound, timesteps, num_timesteps, margin, block):
+    """Evaluated share for an ideal sparse network: every block of ``block`` px within ``margin`` px of an
+    active pixel, no crop edges (what per-layer sparse convolutions could reach at most), mean over steps."""
+    total = 0.0
+    for t in timesteps[1:].tolist():  # the steps sample_loop takes
+        mask = time_dependent_mask(att, lower_bound, t, num_timesteps)
+        if margin:
+            mask = torch.nn.functional.max_pool2d(mask, 2 * margin + 1, 1, margin)
+        total += float(torch.nn.functional.max_pool2d(mask, block, block, ceil_mode=True).mean())
+    return total / (len(timesteps) - 1)
+
+
 def coverage_table(args):
     """Evaluated-pixel share of each sparse variant per image size, from the masks alone."""
     schedule = DiffusionSchedule(make_beta_schedule('linear', 500, 4e-6, 4e-2)).respace(args.sample_steps)
     multiple = 2**(len(NETS[args.net]['channel_mults']) - 1)
+    margins = sorted({int(spec.partition(':')[2] or 0) for spec in args.sparse})
     print(f'\nShare of the dense network pixels that sparse sampling evaluates (Gaussian maps, l={args.lower_bound}, '
           f'{args.sample_steps} steps, {args.net} UNet factor {multiple}, region_cost {args.region_cost:g}, '
-          f'max_fraction 0.9); in brackets: / YODA\'s share of pixel updates (target <= 1.1)')
-    print('| HR size | YODA share | ' + ' | '.join(args.sparse) + ' |')
-    print('| --- ' * (len(args.sparse) + 2) + '|')
+          f'max_fraction 0.9); in brackets: / YODA\'s share of pixel updates (target <= 1.1). bound:M is the least '
+          f'any method evaluates that gives each active pixel M px of context at {multiple}-px blocks')
+    columns = list(args.sparse) + [f'bound:{m}' for m in margins]
+    print('| HR size | YODA share | ' + ' | '.join(columns) + ' |')
+    print('| --- ' * (len(columns) + 2) + '|')
     for size in args.coverage:
         att = gaussian_attention(size, 1, torch.device('cpu'))
         share = float(pixel_update_ratio(att, args.lower_bound, schedule.timesteps, 500).mean())
@@ -132,6 +148,9 @@ def coverage_table(args):
                         torch.Generator().manual_seed(0), pass_mask=True)
             evaluated = fn.stats['pixels'] / fn.stats['dense_pixels']
             cells.append(f'{evaluated:.3f} ({evaluated / share:.2f})')
+        for margin in margins:
+            bound = context_bound(att, args.lower_bound, schedule.timesteps, 500, margin, multiple)
+            cells.append(f'{bound:.3f} ({bound / share:.2f})')
         print(f'| {size} | {share:.3f} | ' + ' | '.join(cells) + ' |')
     return 0
 

@@ -277,7 +277,7 @@ def main(argv=None) -> int:
                 raise SetupError('--tile-overlap must be > 0: neighbouring tiles are blended')
         sparse = None
         if args.sparse:
-            sparse = {'enabled': True, 'mode': args.sparse[0], 'margin': args.sparse[1], 'max_fraction': 0.9,
+            sparse = {'enabled': True, 'mode': args.sparse[0], 'margin': args.sparse[1],
                       'region_cost': args.region_cost}
             model.opt.setdefault('val', {})['sparse'] = sparse
             try:

@@ -146,9 +146,15 @@ def raw_values(path):
         env.close()
 
 
-def load_precompute_script(module_name='precompute_attention'):
-    """scripts/precompute_attention.py as a module (scripts/ is no package)."""
-    spec = importlib.util.spec_from_file_location(module_name, PRECOMPUTE_SCRIPT)
+def load_script(filename, module_name=None):
+    """scripts/<filename> as a module (scripts/ is no package)."""
+    path = os.path.join(REPO, 'scripts', filename)
+    spec = importlib.util.spec_from_file_location(module_name or os.path.splitext(filename)[0], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_precompute_script(module_name='precompute_attention'):
+    """scripts/precompute_attention.py as a module."""
+    return load_script(os.path.basename(PRECOMPUTE_SCRIPT), module_name)

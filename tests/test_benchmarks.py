@@ -1,7 +1,7 @@
 """The performance benchmark scripts run and print their tables (numbers are machine-dependent: not checked)."""
 import os
 
-from conftest import PYTHON, REPO, run, tiny_options, write_options
+from conftest import PYTHON, REPO, load_script, run, tiny_options, write_options
 
 
 def table_rows(out, header_start):
@@ -73,6 +73,31 @@ def test_coverage_table_from_masks_alone(tmp_path):
                 '32', '64', '--sample-steps', '20', '--sparse', 'bbox:8', 'regions:0'], cwd=tmp_path)
     rows = table_rows(proc.stdout, '| HR size |')
     assert [r[0] for r in rows] == ['32', '64']
-    for size, share, bbox, regions in rows:
+    for size, share, bbox, regions, bound0, bound8 in rows:
         share, bbox, regions = float(share), float(bbox.split()[0]), float(regions.split()[0])
+        bound0, bound8 = float(bound0.split()[0]), float(bound8.split()[0])
         assert 0 < share < 1 and share <= regions <= bbox <= 1  # no variant evaluates fewer pixels than YODA updates
+        # The context bounds: at least the share, grow with the margin, and crops with that margin cost more.
+        assert share <= bound0 <= regions and bound0 <= bound8 <= bbox
+
+
+def test_block_sparse_convolution_is_exact_and_timed(tmp_path):
+    import torch
+    import torch.nn.functional as F
+    bench = load_script('benchmark_block_sparse_conv.py')
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 3, 12, 16, generator=g), torch.randn(5, 3, 3, 3, generator=g)
+    blocks = torch.tensor([[0, 1], [2, 3], [1, 0]])  # (row, col) of 4x4 blocks
+    got, ref = bench.block_sparse_conv3x3(x, weight, blocks, 4), F.conv2d(x, weight, padding=1)
+    keep = torch.zeros(12, 16, dtype=torch.bool)
+    for r, c in blocks.tolist():
+        keep[4 * r:4 * r + 4, 4 * c:4 * c + 4] = True
+    assert got.shape == ref.shape and torch.allclose(got[..., keep], ref[..., keep], atol=1e-5)
+    assert bool((got[..., ~keep] == 0).all())
+    proc = run([PYTHON, os.path.join(REPO, 'scripts', 'benchmark_block_sparse_conv.py'), '--size', '64', '--block',
+                '8', '32', '--repeats', '1'], cwd=tmp_path)  # the script checks exactness at every level too
+    rows = table_rows(proc.stdout, '| block at full res |')
+    assert [r[0] for r in rows] == ['8', '32']
+    assert rows[0][5] == 'dense' and rows[1][5] != 'dense'  # 8 px blocks are below a pixel at level 4 (/16)
+    for row in rows:
+        assert float(row[6]) > 0 and 0 < float(row[7]) <= 1  # UNet estimate, share of active blocks

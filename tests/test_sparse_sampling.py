@@ -90,6 +90,16 @@ def test_sparse_falls_back_to_dense_for_large_regions():
     mask[..., :, 4:] = 0
     den(torch.zeros(1, 3, 8, 8), torch.ones(1, dtype=torch.long), mask)
     assert seen == [None, (0, 4, 0, 4)]
+    # The fallback counts region_cost per extra call, as the region search does: two 2x2 crops of a 16x16
+    # image are 8 px, plus 100 px for the second call: above 0.4 * 256 = 102.4 px, so one whole-image call.
+    corners = torch.zeros(1, 1, 16, 16)
+    corners[..., :2, :2] = corners[..., -2:, -2:] = 1
+    seen.clear()
+    for cost in (0, 100):
+        den = SparseDenoiser(lambda z, k, box: (seen.append(box), torch.zeros_like(z))[1], margin=0, multiple=1,
+                             max_fraction=0.4, mode='regions', region_cost=cost)
+        den(torch.zeros(1, 3, 16, 16), torch.ones(1, dtype=torch.long), corners)
+    assert seen == [(0, 2, 0, 2), (14, 16, 14, 16), None]
 
 
 def test_active_regions_hand_cases():
@@ -108,6 +118,13 @@ def test_active_regions_hand_cases():
     strips[..., :, -8:] = 1
     assert active_regions(strips, 0, 8) == [((0, 64, 0, 8), (0, 64, 0, 8)), ((0, 64, 56, 64), (0, 64, 56, 64))]
     assert active_regions(torch.zeros(1, 1, 16, 16), 0, 8) == []
+    # An L shape, margin 8 on a 16 grid: band edges sit at 8 (mod 16), so the cut at row 56 widened by the
+    # margin lands on the grid (crops 64 x 128 + 80 x 32 = 10752 px; bands on 0 mod 16 would cut at 64: 12800).
+    ell = torch.zeros(1, 1, 128, 128)
+    ell[..., :56, :] = 1
+    ell[..., 56:, :16] = 1
+    assert active_regions(ell, 8, 16) == [((0, 56, 0, 128), (0, 64, 0, 128)), ((56, 128, 0, 16), (48, 128, 0, 32))]
+    assert active_regions(ell, 16, 16) == [((0, 64, 0, 128), (0, 80, 0, 128)), ((64, 128, 0, 16), (48, 128, 0, 32))]
     with pytest.raises(ValueError, match='granularity'):
         active_regions(mask, 0, 16, granularity=0)
     with pytest.raises(ValueError, match='mode must be one of'):

@@ -15,8 +15,10 @@ ways to crop the network input (the active set is the union over the batch):
   active pixel gets exactly one prediction. A ring-shaped or several-blob
   mask costs the area near the active pixels instead of their whole hull.
 
-Either falls back to one whole-image call once the crops cover more than
-``max_fraction`` of the image. Steps whose mask is empty call no network at
+Either falls back to one whole-image call once the crops cost more than
+``max_fraction`` of the image (cost: evaluated pixels plus ``region_cost`` per
+extra network call; on CPU a crop's time is about proportional to its area, so
+the default 0.9 leaves a margin for the cropping itself). Steps whose mask is empty call no network at
 all (handled in :func:`yoda_plugin.core.sampler.sample_loop`).
 
 For a purely local network (convolutions only) a margin that covers its
@@ -77,9 +79,12 @@ def _band_regions(active: torch.Tensor, margin: int, multiple: int, granularity:
                   region_cost: float) -> Tuple[float, List[Region]]:
     """Optimal grouping of consecutive horizontal bands of ``active`` (H, W) into crops; (cost, regions)."""
     H, W = active.shape
-    bands = -(-H // granularity)
+    # Band edges sit at ``margin`` (mod ``multiple``) so that a group edge widened by the margin lands on the
+    # alignment grid: a split between two crops then costs 2 * margin rows, not 2 * margin rounded up to the grid.
+    shift = (granularity - margin % multiple) % granularity
+    bands = -(-(H + shift) // granularity)
     padded = torch.zeros(bands * granularity, W, dtype=torch.bool, device=active.device)
-    padded[:H] = active
+    padded[shift:shift + H] = active
     padded = padded.view(bands, granularity, W)
     band_cols, band_rows = padded.any(dim=1), padded.any(dim=2)  # (bands, W), (bands, granularity)
 
@@ -92,8 +97,8 @@ def _band_regions(active: torch.Tensor, margin: int, multiple: int, granularity:
     col_lo, col_hi = first_last(band_cols)
     row_lo, row_hi = first_last(band_rows)
     col_lo = [c if h else None for c, h in zip(col_lo, has)]
-    row_lo = [b * granularity + r for b, r in enumerate(row_lo)]
-    row_hi = [b * granularity + r for b, r in enumerate(row_hi)]
+    row_lo = [b * granularity + r - shift for b, r in enumerate(row_lo)]
+    row_hi = [b * granularity + r - shift for b, r in enumerate(row_hi)]
 
     best = [0.0] + [float('inf')] * bands  # best[j]: cheapest cover of bands < j
     choice = [None] * (bands + 1)
@@ -153,7 +158,7 @@ class SparseDenoiser:
     pixels (``pixels / dense_pixels`` is the share of the dense cost).
     """
 
-    def __init__(self, net_fn: Callable, margin: int = 32, multiple: int = 16, max_fraction: float = 0.7,
+    def __init__(self, net_fn: Callable, margin: int = 32, multiple: int = 16, max_fraction: float = 0.9,
                  mode: str = 'bbox', granularity: Optional[int] = None, region_cost: float = 0.0):
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
@@ -187,7 +192,7 @@ class SparseDenoiser:
         self.stats['dense_pixels'] += H * W
         regions = [] if mask is None else self.regions(mask)
         area = sum((b - t) * (r - l) for _, (t, b, l, r) in regions)
-        if not regions or area > self.max_fraction * H * W:
+        if not regions or area + (len(regions) - 1) * self.region_cost > self.max_fraction * H * W:
             self.stats['pixels'] += H * W
             return self.net_fn(z_in, k, None)
         self.stats['cropped_calls'] += 1

@@ -41,7 +41,7 @@ DIFFUSION_DEFAULTS = {
 }
 VAL_KEYS = {'val_freq', 'save_img', 'suffix', 'pbar', 'metrics', 'sample_seed', 'progress', 'tb_images',
             'save_attention', 'sparse', 'amp', 'channels_last', 'compile'}
-SPARSE_DEFAULTS = {'enabled': False, 'mode': 'regions', 'margin': 32, 'max_fraction': 0.7, 'granularity': None,
+SPARSE_DEFAULTS = {'enabled': False, 'mode': 'regions', 'margin': 32, 'max_fraction': 0.9, 'granularity': None,
                    'region_cost': 1024}
 
 
