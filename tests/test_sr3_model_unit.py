@@ -19,7 +19,7 @@ def model_and_batch(tiny_data, **overrides):
     return build_model(opt), batch
 
 
-@pytest.mark.parametrize('amp', [None, 'bf16'])
+@pytest.mark.parametrize('amp', [None, 'bf16', 'fp16'])
 def test_training_step_and_sampling(tiny_data, amp):
     torch.manual_seed(0)
     model, batch = model_and_batch(tiny_data, train__amp=amp, val__amp=amp)
@@ -37,10 +37,32 @@ def test_training_step_and_sampling(tiny_data, amp):
 
 
 def test_amp_option_errors(tiny_data):
-    with pytest.raises(ValueError, match='fp16 needs CUDA'):
-        model_and_batch(tiny_data, train__amp='fp16')
     with pytest.raises(ValueError, match='val.amp must be'):
         model_and_batch(tiny_data, val__amp='int8')
+    with pytest.raises(ValueError, match='train.amp must be'):
+        model_and_batch(tiny_data, train__amp='float16')
+
+
+def test_fp16_training_scales_the_loss_and_resumes_its_scale(tiny_data, tmp_path):
+    model, batch = model_and_batch(tiny_data, train__amp='fp16')
+    assert model.grad_scaler.get_scale() == 2.0**16 and model.grad_scaler.is_enabled()
+    model.feed_data(batch)
+    model.optimize_parameters(1)
+    assert model.grad_scaler._growth_tracker.item() == 1  # the step went through the scaler (finite gradients)
+    model.grad_scaler.update(1024.0)  # a scale a long run could have backed off to
+    model.opt['path']['training_states'] = str(tmp_path)
+    model.save_training_state(0, 1)
+    state = torch.load(tmp_path / '1.state', weights_only=True)  # as the runners load it
+    assert state['grad_scaler']['scale'] == 1024.0
+    fresh, _ = model_and_batch(tiny_data, train__amp='fp16')
+    fresh.resume_training(state)
+    assert fresh.grad_scaler.get_scale() == 1024.0
+    plain, _ = model_and_batch(tiny_data)
+    plain.opt['path']['training_states'] = str(tmp_path / 'plain')
+    (tmp_path / 'plain').mkdir()
+    plain.save_training_state(0, 1)  # float32 training saves no scaler state
+    assert 'grad_scaler' not in torch.load(tmp_path / 'plain' / '1.state', weights_only=True)
+    assert not hasattr(plain, 'grad_scaler')
 
 
 def test_yoda_model_refuses_batches_without_attention(tiny_data):

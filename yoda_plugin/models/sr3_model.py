@@ -135,7 +135,7 @@ class SR3Model(SRModel):
         train.nan_policy: ``raise`` (default) stops on a non-finite loss naming
             the iteration; ``skip`` drops that step.
         train.amp / val.amp: autocast dtype of the network, null (float32),
-            ``bf16`` or ``fp16`` (CUDA, with a GradScaler); the loss and the
+            ``bf16`` or ``fp16`` (training with a GradScaler, its state saved in the training state); the loss and the
             diffusion arithmetic stay float32.
         val.sample_seed: seed of the sampling noise (image i uses seed + i),
             so validations at different iterations are comparable.
@@ -161,6 +161,11 @@ class SR3Model(SRModel):
         self.sparse_options()  # unknown val.sparse keys fail now, not at the first validation
         for phase in ('train', 'val'):
             self.amp_dtype(phase)  # bad amp values fail now too
+        if self.amp_dtype('train') == torch.float16:  # fp16 gradients underflow without loss scaling
+            self.grad_scaler = torch.amp.GradScaler(self.device.type)
+        if self.device.type != 'cuda' and torch.float16 in (self.amp_dtype('train'), self.amp_dtype('val')):
+            get_root_logger().warning('amp: fp16 on the CPU has no fast kernels (a training step of the paper UNet '
+                                      'took 92x the float32 time here); use bf16 on the CPU')
         self._apply_fast_paths()
         for name, metric in ((opt.get('val') or {}).get('metrics') or {}).items():
             if metric.get('type') == 'calculate_lpips':  # a missing backbone fails now, not after sampling
@@ -240,7 +245,7 @@ class SR3Model(SRModel):
             net._yoda_compiled = True
 
     def amp_dtype(self, phase: str):
-        """``train.amp`` / ``val.amp``: null (float32), ``bf16`` or ``fp16`` (CUDA only, with a GradScaler)."""
+        """``train.amp`` / ``val.amp``: null (float32), ``bf16`` or ``fp16`` (training with a GradScaler)."""
         section = self.opt.get(phase) or {}
         value = section.get('amp')
         if value in (None, False, 'none'):
@@ -248,8 +253,6 @@ class SR3Model(SRModel):
         dtypes = {'bf16': torch.bfloat16, 'fp16': torch.float16}
         if value not in dtypes:
             raise ValueError(f'{phase}.amp must be null, bf16 or fp16, got {value!r}')
-        if value == 'fp16' and self.device.type != 'cuda':
-            raise ValueError(f'{phase}.amp: fp16 needs CUDA; use bf16 on the CPU')
         return dtypes[value]
 
     def optimize_parameters(self, current_iter):
@@ -274,8 +277,6 @@ class SR3Model(SRModel):
             raise FloatingPointError(msg + '; weights were not updated. Lower the learning rate or set '
                                      'train.nan_policy: skip')
         if self.amp_dtype('train') == torch.float16:
-            if not hasattr(self, 'grad_scaler'):
-                self.grad_scaler = torch.amp.GradScaler('cuda')
             self.grad_scaler.scale(l_pix).backward()
             self.grad_scaler.step(self.optimizer_g)
             self.grad_scaler.update()
@@ -538,6 +539,8 @@ class SR3Model(SRModel):
         super().resume_training(resume_state)
         if 'rng' in resume_state:
             set_rng_state(resume_state['rng'])
+        if 'grad_scaler' in resume_state and self.amp_dtype('train') == torch.float16:
+            self.grad_scaler.load_state_dict(resume_state['grad_scaler'])
 
     def save(self, epoch, current_iter):
         super().save(epoch, current_iter)
@@ -577,5 +580,7 @@ class SR3Model(SRModel):
             return
         state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
                  'schedulers': [s.state_dict() for s in self.schedulers], 'rng': rng_state()}
+        if self.amp_dtype('train') == torch.float16:  # the loss scale found so far (else a resume restarts at 2^16)
+            state['grad_scaler'] = self.grad_scaler.state_dict()
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
