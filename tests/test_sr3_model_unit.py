@@ -62,7 +62,7 @@ def test_fp16_training_scales_the_loss_and_resumes_its_scale(tiny_data, tmp_path
     (tmp_path / 'plain').mkdir()
     plain.save_training_state(0, 1)  # float32 training saves no scaler state
     assert 'grad_scaler' not in torch.load(tmp_path / 'plain' / '1.state', weights_only=True)
-    assert not hasattr(plain, 'grad_scaler')
+    assert plain.grad_scaler is None
 
 
 def test_yoda_model_refuses_batches_without_attention(tiny_data):

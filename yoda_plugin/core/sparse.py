@@ -18,8 +18,8 @@ ways to crop the network input (the active set is the union over the batch):
 Either falls back to one whole-image call once the crops cost more than
 ``max_fraction`` of the image (cost: evaluated pixels plus ``region_cost`` per
 extra network call; on CPU a crop's time is about proportional to its area, so
-the default 0.9 leaves a margin for the cropping itself). Steps whose mask is empty call no network at
-all (handled in :func:`yoda_plugin.core.sampler.sample_loop`).
+the default 0.9 leaves a margin for the cropping itself). Steps whose mask is
+empty call no network at all (handled in :func:`yoda_plugin.core.sampler.sample_loop`).
 
 For a purely local network (convolutions only) a margin that covers its
 receptive field reproduces dense sampling to float precision (tested).

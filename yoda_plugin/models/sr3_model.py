@@ -161,8 +161,8 @@ class SR3Model(SRModel):
         self.sparse_options()  # unknown val.sparse keys fail now, not at the first validation
         for phase in ('train', 'val'):
             self.amp_dtype(phase)  # bad amp values fail now too
-        if self.amp_dtype('train') == torch.float16:  # fp16 gradients underflow without loss scaling
-            self.grad_scaler = torch.amp.GradScaler(self.device.type)
+        # fp16 gradients underflow without loss scaling; None: no scaler (float32 or bf16 training).
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype('train') == torch.float16 else None
         if self.device.type != 'cuda' and torch.float16 in (self.amp_dtype('train'), self.amp_dtype('val')):
             get_root_logger().warning('amp: fp16 on the CPU has no fast kernels (a training step of the paper UNet '
                                       'took 92x the float32 time here); use bf16 on the CPU')
@@ -276,7 +276,7 @@ class SR3Model(SRModel):
                 return
             raise FloatingPointError(msg + '; weights were not updated. Lower the learning rate or set '
                                      'train.nan_policy: skip')
-        if self.amp_dtype('train') == torch.float16:
+        if self.grad_scaler is not None:
             self.grad_scaler.scale(l_pix).backward()
             self.grad_scaler.step(self.optimizer_g)
             self.grad_scaler.update()
@@ -539,7 +539,7 @@ class SR3Model(SRModel):
         super().resume_training(resume_state)
         if 'rng' in resume_state:
             set_rng_state(resume_state['rng'])
-        if 'grad_scaler' in resume_state and self.amp_dtype('train') == torch.float16:
+        if 'grad_scaler' in resume_state and self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(resume_state['grad_scaler'])
 
     def save(self, epoch, current_iter):
@@ -580,7 +580,7 @@ class SR3Model(SRModel):
             return
         state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
                  'schedulers': [s.state_dict() for s in self.schedulers], 'rng': rng_state()}
-        if self.amp_dtype('train') == torch.float16:  # the loss scale found so far (else a resume restarts at 2^16)
+        if self.grad_scaler is not None:  # the loss scale found so far (else a resume restarts at 2^16)
             state['grad_scaler'] = self.grad_scaler.state_dict()
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
 
