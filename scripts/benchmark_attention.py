@@ -117,20 +117,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def commit_chunk(writer: AttentionLMDBWriter, pairs) -> None:
-    """One transaction for encoded (key, value) pairs, growing the map when full (as precompute_attention.py)."""
-    for _ in range(64):
-        try:
-            with writer.env.begin(write=True) as txn:
-                for key, value in pairs:
-                    txn.put(key, value)
-            return
-        except lmdb.MapFullError:
-            writer.map_size *= 2
-            writer.env.set_mapsize(writer.map_size)
-    raise RuntimeError('cannot grow the LMDB map')
-
-
 def bench_source(source, device, image_lmdb: str, keys: list, out_path: str, batch_size: int,
                  commit_every: int = 64) -> dict:
     """Seconds spent decoding, computing and writing all ``keys``."""
@@ -158,7 +144,7 @@ def bench_source(source, device, image_lmdb: str, keys: list, out_path: str, bat
                         continue
                     pending.append((key.encode('utf-8'), encode_attention(amap, key, writer.compress_level)))
                     if len(pending) >= commit_every or (key == keys[-1]):
-                        commit_chunk(writer, pending)
+                        writer.put_many_encoded(pending)
                         pending = []
                 t3 = time.perf_counter()
                 times['decode'] += t1 - t0

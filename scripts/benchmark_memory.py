@@ -65,7 +65,7 @@ def child(args) -> dict:
                             indexing='ij')
     att = torch.exp(-(yy**2 + xx**2) / (2 * 0.5**2))[None, None].expand(batch, 1, -1, -1)
     t = time.perf_counter()
-    inp = training_inputs(schedule, hr, att, YODAConfig(lower_bound=0.4))
+    inp = training_inputs(schedule, hr, YODAConfig(lower_bound=0.4).mask(att, 500))
     loss = masked_noise_loss(net(inp['z_in'], cond, inp['noise_level']), inp['noise'], inp['mask'])
     loss.backward()
     opt.step()

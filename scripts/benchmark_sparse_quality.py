@@ -46,8 +46,9 @@ def main(argv=None):
     from basicsr.utils import tensor2img
     from torch.utils.data import default_collate
 
-    model, opt = common.build_sr_model(args.opt, args.checkpoint, args.param_key, args.device, args.sample_steps)
-    if not model.yoda.enabled:
+    opt = common.load_options(args.opt)
+    resolvers = {}
+    if not ((opt.get('yoda') or {}).get('enabled', False)):
         raise SystemExit(f'{args.opt}: yoda.enabled is false; sparse sampling only applies to YODA')
     dataset = common.build_dataset(args.opt, args.dataset, require_attention=True)
     metrics_opt = (opt.get('val') or {}).get('metrics') or {}
@@ -56,19 +57,21 @@ def main(argv=None):
     for (mode, margin), name in zip(args.variants, names[1:]):
         sparse_opts[name] = {'enabled': True, 'mode': mode, 'margin': margin, 'max_fraction': args.max_fraction,
                              'region_cost': args.region_cost}
+    for name in names:
+        resolvers[name] = common.build_resolver(args.opt, args.checkpoint, args.param_key, args.device,
+                                                args.sample_steps, sparse=sparse_opts[name])
     rows = {name: {'seconds': [], 'pixels': [], 'vs_dense': [], **{m: [] for m in metrics_opt}} for name in names}
     count = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
     for idx in range(count):
-        model.feed_data(default_collate([dataset[idx]]))
-        hr = tensor2img([model.gt.detach().cpu()]) if hasattr(model, 'gt') else None
+        batch = default_collate([dataset[idx]])
+        hr = tensor2img([batch['gt']]) if 'gt' in batch else None
         dense_img = None
         for name in names:
-            model.opt.setdefault('val', {})['sparse'] = sparse_opts[name]
             start = time.perf_counter()
-            out = model.sample(seed=args.seed + idx)
+            out = resolvers[name].sample_prepared(batch['lq'], batch['lq_up'], batch['attention'], args.seed + idx)
             rows[name]['seconds'].append(time.perf_counter() - start)
             img = tensor2img([out.detach().cpu()])
-            stats = model.sparse_stats
+            stats = resolvers[name].last_info['sparse_stats']
             rows[name]['pixels'].append(1.0 if stats is None else stats['pixels'] / max(1, stats['dense_pixels']))
             if dense_img is None:
                 dense_img = img
@@ -80,9 +83,9 @@ def main(argv=None):
 
     mean = statistics.fmean
     dense_s = mean(rows['dense']['seconds'])
-    print(f'\nSparse YODA sampling on {args.opt} ({count} images, {model.sample_schedule.num_steps} steps, '
+    print(f'\nSparse YODA sampling on {args.opt} ({count} images, {resolvers["dense"].pipeline.steps} steps, '
           f'{args.device}; region_cost {args.region_cost:g}, max_fraction {args.max_fraction:g})')
-    metric_cols = list(metrics_opt) if hasattr(model, 'gt') else []
+    metric_cols = list(metrics_opt) if hr is not None else []
     print('| variant | ' + ' | '.join(metric_cols + ['PSNR vs dense, dB', 'pixels evaluated', 's/image',
                                                       'time / dense']) + ' |')
     print('| --- ' * (len(metric_cols) + 5) + '|')

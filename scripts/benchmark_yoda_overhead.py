@@ -33,9 +33,8 @@ except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from yoda_plugin.archs.sr3_unet_arch import SR3UNet  # noqa: E402
-from yoda_plugin.core import (DiffusionSchedule, SparseDenoiser, YODAConfig, make_beta_schedule,  # noqa: E402
-                              masked_noise_loss, pixel_update_ratio, sample_loop, time_dependent_mask,
-                              training_inputs)
+from yoda_plugin.core import (DDPMSampler, DiffusionSchedule, SparseDenoiser, YODAConfig, YODAMask,  # noqa: E402
+                              make_beta_schedule, masked_noise_loss, pixel_update_ratio, sample, training_inputs)
 
 NETS = {
     'paper': dict(base_channels=64, channel_mults=(1, 2, 4, 8, 8), num_res_blocks=3, attn_resolutions=(16, ),
@@ -74,7 +73,7 @@ def fast_paths(net, hr, cond, att, schedule, yoda, device, with_compile, repeats
         n, opt = nets[name]
         cl, dtype, _ = variants[name]
         fmt = torch.channels_last if cl else torch.contiguous_format
-        inp = training_inputs(schedule, hr, att, yoda)
+        inp = training_inputs(schedule, hr, yoda.mask(att, 500))
         z, c = inp['z_in'].contiguous(memory_format=fmt), cond.contiguous(memory_format=fmt)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if not train:
@@ -126,8 +125,9 @@ def context_bound(att, lower_bound, timesteps, num_timesteps, margin, block):
     """Evaluated share for an ideal sparse network: every block of ``block`` px within ``margin`` px of an
     active pixel, no crop edges (what per-layer sparse convolutions could reach at most), mean over steps."""
     total = 0.0
-    for t in timesteps[1:].tolist():  # the steps sample_loop takes
-        mask = time_dependent_mask(att, lower_bound, t, num_timesteps)
+    yoda_mask = YODAMask(att, lower_bound, num_timesteps)
+    for t in timesteps[1:].tolist():  # the steps a sampler takes
+        mask = yoda_mask.at(t)
         if margin:
             mask = torch.nn.functional.max_pool2d(mask, 2 * margin + 1, 1, margin)
         total += float(torch.nn.functional.max_pool2d(mask, block, block, ceil_mode=True).mean())
@@ -136,7 +136,8 @@ def context_bound(att, lower_bound, timesteps, num_timesteps, margin, block):
 
 def coverage_table(args):
     """Evaluated-pixel share of each sparse variant per image size, from the masks alone."""
-    schedule = DiffusionSchedule(make_beta_schedule('linear', 500, 4e-6, 4e-2)).respace(args.sample_steps)
+    schedule_train = DiffusionSchedule(make_beta_schedule('linear', 500, 4e-6, 4e-2))
+    schedule = schedule_train.respace(args.sample_steps)
     multiple = 2**(len(NETS[args.net]['channel_mults']) - 1)
     margins = sorted({int(spec.partition(':')[2] or 0) for spec in args.sparse})
     print(f'\nShare of the dense network pixels that sparse sampling evaluates (Gaussian maps, l={args.lower_bound}, '
@@ -154,8 +155,10 @@ def coverage_table(args):
             mode, _, margin = spec.partition(':')
             fn = SparseDenoiser(lambda z, k, box: torch.zeros_like(z), int(margin or 0), multiple, 0.9, mode,
                                 region_cost=args.region_cost)
-            sample_loop(fn, schedule, torch.zeros(1, 3, size, size), att, YODAConfig(lower_bound=args.lower_bound),
-                        torch.Generator().manual_seed(0), pass_mask=True)
+            x = torch.zeros(1, 3, size, size)
+            sampler = YODAConfig(lower_bound=args.lower_bound).wrap(DDPMSampler(schedule_train, args.sample_steps),
+                                                                    att, x)
+            sample(fn, sampler, x, torch.Generator().manual_seed(0))
             evaluated = fn.stats['pixels'] / fn.stats['dense_pixels']
             cells.append(f'{evaluated:.3f} ({evaluated / share:.2f})')
         for margin in margins:
@@ -207,7 +210,7 @@ def main(argv=None):
 
     def train_step(cfg):
         opt.zero_grad(set_to_none=True)
-        inp = training_inputs(schedule, hr, att, cfg)
+        inp = training_inputs(schedule, hr, cfg.mask(att, 500))
         eps = net(inp['z_in'], cond, inp['noise_level'])
         loss = masked_noise_loss(eps, inp['noise'], inp['mask'])
         loss.backward()
@@ -228,7 +231,7 @@ def main(argv=None):
 
     net.eval()
 
-    def denoise(z_in, k):
+    def denoise(z_in, k, mask=None):
         return net(z_in, cond, sample_schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
 
     def net_fn(z_in, k, box):
@@ -251,8 +254,8 @@ def main(argv=None):
                     fn = SparseDenoiser(net_fn, sparse[1], multiple, 0.9, sparse[0], region_cost=args.region_cost)
                 sync(device)
                 t = time.perf_counter()
-                outputs[name] = sample_loop(fn, sample_schedule, cond, att, cfg, torch.Generator(device).manual_seed(0),
-                                            pass_mask=sparse is not None)
+                outputs[name] = sample(fn, cfg.wrap(DDPMSampler(schedule, args.sample_steps), att, cond), cond,
+                                       torch.Generator(device).manual_seed(0))
                 sync(device)
                 sample_times[name].append(time.perf_counter() - t)
                 if sparse:

@@ -1,31 +1,33 @@
 #!/usr/bin/env python
-"""Super-resolve LR images with a trained SR3 (+ YODA) checkpoint; attention maps computed on the fly.
+"""Super-resolve LR images with a trained SR3 or SRDiff (+ YODA) checkpoint; attention maps computed on the fly.
 
     python scripts/inference_yoda.py INPUT --output OUT_DIR --opt options/test_sr3_yoda.yml \
         --checkpoint experiments/train_SR3_YODA_16_128_FFHQ/models/net_g_latest.pth [--param-key params_ema] \
+        [--sampler dpmpp_2m --steps 20] [--sparse regions:8] [--amp bf16] \
         [--source dino_resnet50 --source-opt heads=max --source-opt weights=/path/dino_resnet50_pretrain.pth] \
         [--seed 0] [--device cuda] [--tile 128 --tile-overlap 32] [--save-previews]
 
-INPUT is an image file or a folder (every regular, non-hidden file in it is
-tried, sorted). Each LR image is upsampled (bicubic, the option file's dataset
-``resize`` mode) to the HR grid, its attention map is computed on the LR image
-with ``--source`` (default: the source recorded in the option file's
-``attention_meta``) and resized bilinearly to the HR grid, exactly as the
-training data were prepared; then the model samples (T_eval from the options,
-``--sample-steps`` overrides). A vanilla model (YODA off) needs no attention.
+A thin front end of ``yoda_plugin.YODAResolver``: INPUT is an image file or a
+folder (every regular, non-hidden file in it is tried, sorted). Each LR image
+is upsampled (bicubic, the option file's dataset ``resize`` mode) to the HR
+grid, its attention map is computed on the LR image with ``--source``
+(default: the source recorded in the option file's ``attention_meta``) and
+resized bilinearly to the HR grid, exactly as the training data were
+prepared; then the resolver samples with ``--sampler`` / ``--steps`` (default:
+the option file's ``val.sampler``, else DDPM with ``diffusion.sample_steps``).
+A vanilla model (YODA off) needs no attention.
 
 Images larger than the training size (``network_g.image_size``, or ``--tile``)
 are sampled with tiles on the HR grid (``--tile-overlap``, default a quarter
-tile) through ``yoda_plugin.core.tiling.TiledDenoiser``: the diffusion state,
-the YODA masks (from the attention map of the whole image) and the noise stay
-global and only the network evaluation is split into overlapping, blended
-tiles, so tiles cannot drift apart and memory stays bounded. SRDiff option
-files use SRDiffModel's own tiled sampling with the same settings. Sides are
-reflect-padded to the network's multiple and cropped back. Output: ``OUT_DIR/<stem>.png`` (size = LR size x
-scale); ``--save-previews`` adds ``<stem>_attention.png`` (the HR-grid map) and
-``<stem>_mask.png`` (share of sampling steps each pixel is refined at, Eq. 9:
-white = every step). Unreadable or non-image files are reported and skipped;
-the exit status is 1 if any input failed, 2 for setup errors.
+tile): the diffusion state, the YODA masks and the noise stay global and only
+the network evaluation is split into overlapping, blended tiles. Sides are
+reflect-padded to the network's multiple and cropped back. Output:
+``OUT_DIR/<stem>.png`` (size = LR size x scale); ``--save-previews`` adds
+``<stem>_attention.png`` (the HR-grid map) and ``<stem>_mask.png`` (share of
+sampling steps each pixel is refined at, Eq. 9: white = every step). An
+output that would overwrite an input is refused before anything runs.
+Unreadable or non-image files are reported and skipped; the exit status is 1
+if any input failed, 2 for setup errors.
 """
 import argparse
 import json
@@ -59,18 +61,10 @@ def list_inputs(path: str):
 
 
 def read_image(path: str) -> np.ndarray:
-    """RGB uint8 (H, W, 3); gray/RGBA/16-bit are converted as BasicSR's loader does. ValueError if unreadable."""
+    """RGB uint8 (H, W, 3), decoded as BasicSR's loader does; ValueError if unreadable."""
+    from yoda_plugin.attention.precompute import decode_image
     with open(path, 'rb') as f:
-        data = np.frombuffer(f.read(), np.uint8)
-    img = None
-    if data.size:
-        try:
-            img = cv2.imdecode(data, cv2.IMREAD_COLOR)
-        except cv2.error:
-            img = None
-    if img is None:
-        raise ValueError('not a readable image (corrupt, truncated or another file type)')
-    return np.ascontiguousarray(img[:, :, ::-1])
+        return np.ascontiguousarray(decode_image(f.read()))
 
 
 def parse_source_opts(pairs) -> dict:
@@ -89,136 +83,31 @@ def parse_source_opts(pairs) -> dict:
     return out
 
 
-def attention_source(args, opt, model):
-    """The attention source: ``--source`` or the option file's ``attention_meta`` source; None if YODA is off."""
-    from yoda_plugin.attention import ATTENTION_SOURCES, _init_parameters, build_attention_source
-    if not model.yoda.enabled:
-        if args.source:
-            print(f'note: YODA is off in {args.opt}; --source {args.source} is ignored', file=sys.stderr)
-        return None
-    if args.source:
-        config = {'name': args.source, **parse_source_opts(args.source_opt)}
-    else:
-        config = None
-        for ds in (opt.get('datasets') or {}).values():
-            src = ((ds or {}).get('attention_meta') or {}).get('source')
-            if src:
-                config = {**dict(src), **parse_source_opts(args.source_opt)}
-                break
-        if config is None:
-            raise SetupError('YODA is on but no attention source is known: pass --source (e.g. edge, dino_resnet50)')
-    name = config.pop('name')
-    if name not in ATTENTION_SOURCES:
-        raise SetupError(f'unknown attention source {name!r}; known: {", ".join(sorted(ATTENTION_SOURCES))}')
-    params = {p.name for p in _init_parameters(ATTENTION_SOURCES[name])}
-    if 'device' in params and 'device' not in config:
-        config['device'] = args.device
-    try:
-        return build_attention_source(name, **config)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        raise SetupError(f'cannot build attention source {name!r}: {err}') from err
-
-
-# ----------------------------------------------------------------------------------------------- sampling
-
-def size_multiple(model) -> int:
-    """Sides of the network input must be multiples of this (SRDiff: its ``align``; SR3: 2**(levels - 1))."""
-    if hasattr(model, 'align'):
-        return int(model.align)
-    net = model.get_bare_model(model.net_g)
-    return 2 ** (getattr(net, 'num_levels', 1) - 1)
-
-
-def _pad(x: torch.Tensor, bottom: int, right: int, mode: str) -> torch.Tensor:
-    if bottom == 0 and right == 0:
-        return x
-    if mode == 'reflect' and (bottom >= x.shape[-2] or right >= x.shape[-1]):
-        mode = 'replicate'  # reflection needs the pad to be smaller than the side
-    return torch.nn.functional.pad(x, (0, right, 0, bottom), mode=mode)
-
-
-@torch.no_grad()
-def sample_sr3_tiled(model, tile: int, overlap: int, seed: int, sparse: dict = None) -> torch.Tensor:
-    """SR3Model.sample for the fed image, with the network evaluated in blended tiles.
-
-    yoda_plugin.core.tiling.TiledDenoiser keeps the state z_t, the YODA masks and the noise global and only
-    splits the network evaluation, so tiles never drift apart. Sides are reflect-padded to the network's
-    multiple (the attention map replicate-padded) and cropped back. ``sparse`` (val.sparse options, enabled)
-    evaluates only crops around the active pixels, each tiled the same way.
-    """
-    from yoda_plugin.core import sample_loop
-    from yoda_plugin.core.tiling import tiled_net_fn
-    multiple = size_multiple(model)
-    H, W = model.lq_up.shape[2:]
-    Hp, Wp = -(-H // multiple) * multiple, -(-W // multiple) * multiple
-    cond = _pad(model.lq_up, Hp - H, Wp - W, 'reflect') * 2 - 1
-    att = model.attention
-    if att is not None:
-        att = _pad(att, Hp - H, Wp - W, 'replicate')
-    net = model._sampling_net()
-    net.eval()
-    schedule = model.sample_schedule
-
-    def denoise_tile(z_in, k, box):
-        top, bottom, left, right = box
-        noise_level = schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1)
-        return net(z_in, cond[..., top:bottom, left:right], noise_level)  # SR3's conditioning, as SR3Model
-
-    denoise = tiled = tiled_net_fn(denoise_tile, Hp, Wp, tile or None, overlap, None, multiple)
-    use_sparse = bool(sparse and sparse.get('enabled') and model.yoda.enabled and att is not None)
-    model.sparse_stats = None
-    if use_sparse:
-        model.opt.setdefault('val', {})['sparse'] = sparse
-        denoise = model.sparse_denoiser(denoise, model.sparse_options(), multiple)  # defaults filled, checked
-    generator = torch.Generator(device=model.device)
-    generator.manual_seed(int(seed))
-    clip = (-1.0, 1.0) if model.diffusion_opt['clip_denoised'] else None
-    z = sample_loop(denoise, schedule, cond, att if model.yoda.enabled else None, model.yoda, generator, clip,
-                    model.diffusion_opt['variance'], pass_mask=use_sparse)
-    return ((z[:, :, :H, :W] + 1) / 2).clamp(0, 1), tiled.num_tiles
-
-
-@torch.no_grad()
-def super_resolve(model, lr: np.ndarray, att_lr, scale: int, tile: int, overlap: int, seed: int, resize: str,
-                  sparse: dict = None):
-    """SR image (H, W, 3) float in [0, 1], the HR-grid attention (or None) and the number of tiles."""
-    from yoda_plugin.data.transforms import bicubic_resize, resize_attention
-    H, W = lr.shape[0] * scale, lr.shape[1] * scale
-    up = bicubic_resize(lr, (H, W), resize)
-    data = {'lq': torch.from_numpy(lr.transpose(2, 0, 1).copy()).float()[None] / 255.0,
-            'lq_up': torch.from_numpy(up.transpose(2, 0, 1).copy()).float()[None] / 255.0}
-    att = None
-    if att_lr is not None:
-        att = resize_attention(att_lr.astype(np.float32), (H, W))
-        data['attention'] = torch.from_numpy(att)[None, None]
-    model.feed_data(data)
-    if hasattr(model, 'tile_opt'):  # models with their own tiled sampling (SRDiffModel)
-        from yoda_plugin.core.tiling import TiledDenoiser, check_tiling
-        if tile:
-            size, ov, margin = check_tiling(tile, overlap, None, model.align, where='--tile')
-            model.tile_opt.update(tile_size=size, tile_overlap=ov, tile_margin=margin)
-        if sparse:
-            model.opt.setdefault('val', {})['sparse'] = sparse
-        out = model.sample(seed=seed)
-        m = model.align
-        n_tiles = TiledDenoiser(None, -(-H // m) * m, -(-W // m) * m, model.tile_opt['tile_size'],
-                                model.tile_opt['tile_overlap'], model.tile_opt['tile_margin'], m).num_tiles
-    else:
-        out, n_tiles = sample_sr3_tiled(model, tile, overlap, seed, sparse)
-    return out[0].cpu().numpy().transpose(1, 2, 0).astype(np.float64), att, n_tiles
-
+# ----------------------------------------------------------------------------------------------- outputs
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
 
 
-def refinement_share(model, att_hr: np.ndarray) -> np.ndarray:
-    """Share of sampling steps each pixel is refined at (Eq. 9 on the sampling grid)."""
-    from yoda_plugin.core import diffused_steps_per_pixel
-    s = model.sample_schedule
-    steps = diffused_steps_per_pixel(torch.from_numpy(att_hr)[None, None], model.yoda.lower_bound, s.timesteps,
-                                     s.num_train_timesteps)
-    return steps[0, 0].double().numpy() / s.num_steps
+def planned_outputs(files, output: str, suffix: str, previews: bool):
+    """input path -> the output paths it will write; refuse any that is an input (never overwrite a user's file)."""
+    plans, used = {}, set()
+    for path in files:
+        name = os.path.basename(path)
+        stem = os.path.splitext(name)[0]
+        if stem in used:
+            stem = name  # a.png and a.jpg: keep both
+        used.add(stem)
+        outs = [os.path.join(output, f'{stem}{suffix}.png')]
+        if previews:
+            outs += [os.path.join(output, f'{stem}_attention.png'), os.path.join(output, f'{stem}_mask.png')]
+        plans[path] = outs
+    inputs = {os.path.realpath(p) for p in files}
+    clash = sorted(o for outs in plans.values() for o in outs if os.path.realpath(o) in inputs)
+    if clash:
+        raise SetupError(f'output {clash[0]} would overwrite an input image ({len(clash)} such file(s)); choose '
+                         f'another --output folder or a --suffix')
+    return plans
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -228,26 +117,65 @@ def build_parser():
     p.add_argument('input', help='an LR image file or a folder of them')
     p.add_argument('--output', '-o', required=True, help='output folder')
     p.add_argument('--opt', required=True, help='option file of the model (train or test options)')
-    p.add_argument('--checkpoint', help='net_g_*.pth (default: the options\' path.pretrain_network_g)')
+    p.add_argument('--checkpoint', help="net_g_*.pth (default: the options' path.pretrain_network_g)")
     p.add_argument('--param-key', default='params_ema', choices=('params', 'params_ema'))
-    p.add_argument('--source', help='attention source (gaussian, edge, sift, dino_vits8, dino_resnet50); default: '
-                                    'the options\' attention_meta source')
+    p.add_argument('--trust-checkpoint', action='store_true',
+                   help='load a checkpoint that needs unsafe unpickling (weights_only=False); only for trusted files')
+    p.add_argument('--source', help="attention source (gaussian, edge, sift, dino_vits8, dino_resnet50); default: "
+                                    "the options' attention_meta source")
     p.add_argument('--source-opt', action='append', default=[], metavar='KEY=VALUE',
                    help='attention source parameter (repeatable), e.g. heads=max, weights=/path/file.pth')
     p.add_argument('--seed', type=int, default=0, help='sampling seed (the same for every image)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--sample-steps', type=int, help='override T_eval')
+    p.add_argument('--sampler', choices=('ddpm', 'ddim', 'dpmpp_2m'),
+                   help="val.sampler.type (default: the option file's val.sampler, else ddpm)")
+    p.add_argument('--steps', '--sample-steps', dest='steps', type=int, help='number of sampling steps')
+    p.add_argument('--eta', type=float, help='DDIM eta (with --sampler ddim)')
     p.add_argument('--tile', type=int, help='HR tile size (default: network_g.image_size; 0: no tiling)')
-    p.add_argument('--tile-overlap', type=int, help='HR pixels shared by neighbouring tiles (default: tile / 4, '
-                                                    'a multiple of the network\'s size multiple)')
+    p.add_argument('--tile-overlap', type=int, help="HR pixels shared by neighbouring tiles (default: tile / 4, "
+                                                    "a multiple of the network's size multiple)")
     p.add_argument('--sparse', type=common.parse_sparse_spec, metavar='MODE:MARGIN',
                    help='sparse YODA sampling (val.sparse): network only on crops around the active pixels, e.g. '
                         'regions:8 (an approximation: see README, Performance)')
     p.add_argument('--region-cost', type=float, default=1024, help='val.sparse.region_cost with --sparse regions:*')
+    p.add_argument('--amp', choices=('bf16', 'fp16'), help='autocast dtype of the network (val.amp)')
     p.add_argument('--suffix', default='', help='appended to output file stems')
     p.add_argument('--save-previews', action='store_true', help='also write the attention map and mask preview')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
     return p
+
+
+def build_resolver(args, opt):
+    """The YODAResolver of the options with the command line's overrides."""
+    from yoda_plugin import YODAResolver
+    from yoda_plugin.inference import attention_source_for
+    val = opt.get('val') or {}
+    sampler = dict(val.get('sampler') or {})
+    if args.sampler:
+        sampler = {'type': args.sampler}
+    if args.steps is not None:
+        sampler['steps'] = args.steps
+    if args.eta is not None:
+        sampler['eta'] = args.eta
+    overrides = {'sampler': sampler}
+    if args.sparse:
+        overrides['sparse'] = {'enabled': True, 'mode': args.sparse[0], 'margin': args.sparse[1],
+                               'region_cost': args.region_cost}
+    if args.amp:
+        overrides['amp'] = args.amp
+    tile = (opt.get('network_g') or {}).get('image_size') if args.tile is None else args.tile
+    if tile:
+        overrides['tiling'] = {'tile_size': int(tile), 'tile_overlap': args.tile_overlap, 'round': True}
+    elif args.tile == 0:
+        overrides['tiling'] = {'tile_size': None}
+    source = None
+    if args.source or args.source_opt:
+        source = attention_source_for(opt, args.device, args.source, parse_source_opts(args.source_opt))
+    resolver = YODAResolver.from_options(opt, args.checkpoint, args.param_key, args.device, source,
+                                         args.trust_checkpoint, **overrides)
+    if not resolver.pipeline.yoda.enabled and args.source:
+        print(f'note: YODA is off in {args.opt}; --source {args.source} is ignored', file=sys.stderr)
+    return resolver
 
 
 def main(argv=None) -> int:
@@ -256,64 +184,45 @@ def main(argv=None) -> int:
         files = list_inputs(args.input)
         if not files:
             raise SetupError(f'no files in {args.input}')
+        plans = planned_outputs(files, args.output, args.suffix, args.save_previews)
         try:
-            model, opt = common.build_sr_model(args.opt, args.checkpoint, args.param_key, args.device,
-                                               args.sample_steps)
-        except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
+            opt = common.load_options(args.opt)
+            resolver = build_resolver(args, opt)
+        except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as err:
             raise SetupError(str(err)) from err
-        source = attention_source(args, opt, model)
-        scale = int(opt['scale'])
-        multiple = size_multiple(model)
-        tile = (opt.get('network_g') or {}).get('image_size') if args.tile is None else args.tile
-        tile = -(-int(tile) // multiple) * multiple if tile else 0  # rounded up to the network's multiple
-        overlap = (tile // 4 // multiple * multiple if args.tile_overlap is None else args.tile_overlap) if tile else 0
-        if tile:
-            from yoda_plugin.core.tiling import check_tiling
-            try:
-                check_tiling(tile, overlap, None, multiple, where='--tile')
-            except ValueError as err:
-                raise SetupError(f'{err} (--tile {tile}, --tile-overlap {overlap})') from err
-            if overlap == 0:
-                raise SetupError('--tile-overlap must be > 0: neighbouring tiles are blended')
-        sparse = None
-        if args.sparse:
-            sparse = {'enabled': True, 'mode': args.sparse[0], 'margin': args.sparse[1],
-                      'region_cost': args.region_cost}
-            model.opt.setdefault('val', {})['sparse'] = sparse
-            try:
-                sparse = model.sparse_options()  # with the defaults of the keys not given
-            except ValueError as err:
-                raise SetupError(str(err)) from err
-        resize = next((ds.get('resize', 'pil') for ds in (opt.get('datasets') or {}).values() if ds), 'pil')
     except SetupError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     os.makedirs(args.output, exist_ok=True)
-    failed, written, used = [], [], set()
+    failed, written = [], []
+    pipe = resolver.pipeline
     from tqdm import tqdm
     bar = tqdm(files, unit='image', disable=args.quiet, file=sys.stderr)
+    print(f'sampler {pipe.sampler_config.label(pipe.steps)}, YODA {"on" if pipe.yoda.enabled else "off"}, '
+          f'tiles {pipe.tiling.tile_size or "off"}', file=sys.stderr)
     for path in bar:
         name = os.path.basename(path)
         bar.set_description(name[:30])
-        stem = os.path.splitext(name)[0]
-        if stem in used:
-            stem = name  # a.png and a.jpg: keep both
         try:
             lr = read_image(path)
             start = time.perf_counter()
-            att_lr = source(lr) if source is not None else None
-            sr, att_hr, n_tiles = super_resolve(model, lr, att_lr, scale, tile, overlap, args.seed, resize, sparse)
-            out = os.path.join(args.output, f'{stem}{args.suffix}.png')
-            if not cv2.imwrite(out, to_uint8(sr)[:, :, ::-1]):
+            sr = resolver(lr, seed=args.seed)
+            out = plans[path][0]
+            if not cv2.imwrite(out, sr[:, :, ::-1]):
                 raise OSError(f'cannot write {out}')
-            if args.save_previews and att_hr is not None:
-                cv2.imwrite(os.path.join(args.output, f'{stem}_attention.png'), to_uint8(att_hr))
-                cv2.imwrite(os.path.join(args.output, f'{stem}_mask.png'), to_uint8(refinement_share(model, att_hr)))
-            used.add(stem)
+            info = resolver.last_info
+            att = info['attention']
+            if args.save_previews and att is not None:
+                att_hr = att[0, 0].cpu().numpy()
+                cv2.imwrite(plans[path][1], to_uint8(att_hr))
+                steps = pipe.yoda.mask(att, pipe.sampler.schedule.num_train_timesteps).steps_per_pixel(
+                    pipe.sampler.schedule.timesteps)
+                cv2.imwrite(plans[path][2], to_uint8(steps[0, 0].double().cpu().numpy() / pipe.steps))
             written.append(out)
-            stats = getattr(model, 'sparse_stats', None)
+            stats = info['sparse_stats']
             share = f', network on {stats["pixels"] / max(1, stats["dense_pixels"]):.3f} of the pixels' if stats else ''
-            bar.write(f'{name}: {lr.shape[1]}x{lr.shape[0]} -> {sr.shape[1]}x{sr.shape[0]}, {n_tiles} tile(s){share}, '
+            bar.write(f'{name}: {lr.shape[1]}x{lr.shape[0]} -> {sr.shape[1]}x{sr.shape[0]}, {info["tiles"]} tile(s)'
+                      f'{share}, '
                       f'{time.perf_counter() - start:.1f} s -> {out}', file=sys.stderr)
         except Exception as err:  # one bad input must not stop the batch
             failed.append((path, f'{type(err).__name__}: {err}'))

@@ -229,24 +229,78 @@ def test_inference_folder_with_bad_files(run, tmp_path, capsys):
 
 
 def test_inference_sampling_matches_model(run, tmp_path):
-    """Untiled, the script's SR3 sampling path is SR3Model.sample bit for bit; tiled, it stays close."""
-    mod = load_script('inference_yoda.py')
-    common = load_script('analysis/common.py')
-    model, _ = common.build_sr_model(run['opt_yoda'], run['ckpt'], 'params_ema', 'cpu', work_dir=str(tmp_path))
-    rng = np.random.default_rng(1)
+    """The resolver samples as SR3Model.test does, bit for bit (same pipeline); tiled, it stays close."""
+    from basicsr.models import build_model
+    from torch.utils.data import default_collate
+
+    from yoda_plugin import YODAResolver
+    from yoda_plugin.data.yoda_paired_dataset import YODAPairedDataset
+    from yoda_plugin.utils.options import load_options
+    opt = load_options(run['opt_yoda'])
+    resolver = YODAResolver.from_options(run['opt_yoda'], run['ckpt'], 'params_ema', 'cpu')
+    ds_opt = {**opt['datasets']['test_1'], 'phase': 'test', 'scale': opt['scale']}
+    item = YODAPairedDataset(ds_opt)[0]
+    lr = np.clip(np.round(item['lq'].permute(1, 2, 0).numpy() * 255), 0, 255).astype(np.uint8)
+    sr = resolver.super_resolve_one(lr, item['attention'][0], seed=7)
+    model_opt = {**opt, 'is_train': False, 'dist': False, 'rank': 0, 'world_size': 1, 'num_gpu': 0,
+                 'root_path': str(tmp_path), 'path': {**opt['path'], 'results_root': str(tmp_path),
+                                                      'log': str(tmp_path), 'visualization': str(tmp_path)}}
+    model = build_model(model_opt)
+    model.feed_data(default_collate([item]))
+    model.test(seed=7)
+    assert torch.equal(sr, model.output)
+    assert resolver.last_info['tiles'] == 1 and 0 < resolver.last_info['update_ratio'] < 1
+    # Tiled (24-pixel tiles over 32x32) and sparse: each changes the computation, stays a valid image.
+    tiled = YODAResolver.from_options(run['opt_yoda'], run['ckpt'], device='cpu',
+                                      tiling={'tile_size': 24, 'tile_overlap': 8})
+    out = tiled.super_resolve_one(lr, item['attention'][0], seed=7)
+    assert tiled.last_info['tiles'] == 4 and out.shape == sr.shape and bool(torch.isfinite(out).all())
+    sparse = YODAResolver.from_options(run['opt_yoda'], run['ckpt'], device='cpu', sparse={
+        'enabled': True, 'mode': 'regions', 'margin': 0, 'max_fraction': 1.0, 'region_cost': 0})
+    out = sparse.super_resolve_one(lr, item['attention'][0], seed=7)
+    assert sparse.last_info['sparse_stats']['cropped_calls'] > 0 and not torch.equal(out, sr)
+
+
+def test_resolver_api(run):
+    """numpy in, numpy out; tensors in, tensors out; attention on the fly; samplers as options."""
+    from yoda_plugin import YODAResolver
+    rng = np.random.default_rng(2)
     lr = (rng.random((8, 10, 3)) * 255).astype(np.uint8)
-    att = rng.random((8, 10)).astype(np.float32)
-    sr, att_hr, n = mod.super_resolve(model, lr, att, 4, 0, 0, 7, 'pil')
-    assert n == 1 and sr.shape == (32, 40, 3) and att_hr.shape == (32, 40)
-    reference = model.sample(seed=7)[0].numpy().transpose(1, 2, 0)
-    assert np.array_equal(sr, reference.astype(np.float64))
-    tiled, _, n = mod.super_resolve(model, lr, att, 4, 24, 8, 7, 'pil')
-    assert n == 4 and tiled.shape == sr.shape and np.isfinite(tiled).all()  # 32x40 in 24-pixel tiles: 2 x 2
-    # --sparse: the script's path equals SR3Model.sample with the same val.sparse, bit for bit.
-    sparse = {'enabled': True, 'mode': 'regions', 'margin': 0, 'max_fraction': 1.0, 'region_cost': 0}
-    sr_sparse, _, _ = mod.super_resolve(model, lr, att, 4, 0, 0, 7, 'pil', sparse)
-    assert model.sparse_stats['cropped_calls'] > 0
-    model.opt.setdefault('val', {})['sparse'] = sparse
-    reference = model.sample(seed=7)[0].numpy().transpose(1, 2, 0)
-    assert np.array_equal(sr_sparse, reference.astype(np.float64))
-    assert not np.array_equal(sr_sparse, sr)  # no context margin: an approximation of dense sampling
+    resolver = YODAResolver.from_options(run['opt_yoda'], run['ckpt'], device='cpu', sampler={'type': 'ddim',
+                                                                                               'steps': 4})
+    assert resolver.pipeline.steps == 4 and resolver.attention_source is not None  # the options' edge source
+    out = resolver(lr, seed=1)
+    assert out.dtype == np.uint8 and out.shape == (32, 40, 3)
+    assert np.array_equal(resolver(lr, seed=1), out)  # deterministic sampler and seed
+    both = resolver([lr, lr], seed=1)
+    assert np.array_equal(both[0], out) and not np.array_equal(both[1], out)  # image i uses seed + i
+    batch = torch.from_numpy(lr.transpose(2, 0, 1).copy()).float()[None] / 255
+    t_out = resolver(batch, seed=1)
+    assert t_out.shape == (1, 3, 32, 40) and t_out.dtype == torch.float32
+    with pytest.raises(ValueError, match='matches neither the LR size'):
+        resolver(lr, attention=np.zeros((5, 5), np.float32))
+    given = resolver(lr, attention=np.ones((8, 10), np.float32), seed=1)  # LR-grid map, resized
+    assert given.shape == out.shape and resolver.last_info['update_ratio'] == 1.0
+    from yoda_plugin.utils.options import load_options
+    with pytest.raises(ValueError, match='no checkpoint'):
+        YODAResolver.from_options({**load_options(run['opt_yoda']), 'path': {}}, device='cpu')
+
+
+def test_inference_refuses_to_overwrite_inputs(run, tmp_path, capsys):
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    img = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
+    cv2.imwrite(str(folder / 'photo.png'), img)
+    before = (folder / 'photo.png').read_bytes()
+    mod = load_script('inference_yoda.py')
+    for argv in ([str(folder), '-o', str(folder)], [str(folder / 'photo.png'), '-o', str(folder)]):
+        code = mod.main(argv + ['--opt', run['opt_yoda'], '--checkpoint', run['ckpt'], '--device', 'cpu', '--quiet'])
+        assert code == 2
+        assert 'would overwrite an input image' in capsys.readouterr().err
+    assert (folder / 'photo.png').read_bytes() == before and os.listdir(folder) == ['photo.png']
+    # With a suffix the outputs go next to the inputs without touching them.
+    assert mod.main([str(folder), '-o', str(folder), '--suffix', '_sr', '--opt', run['opt_yoda'], '--checkpoint',
+                     run['ckpt'], '--device', 'cpu', '--steps', '2', '--quiet']) == 0
+    assert (folder / 'photo.png').read_bytes() == before and sorted(os.listdir(folder)) == ['photo.png',
+                                                                                           'photo_sr.png']
+

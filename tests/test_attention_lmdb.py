@@ -1,4 +1,4 @@
-"""Attention maps in BasicSR-layout LMDBs, and scripts/precompute_attention.py."""
+"""Attention maps in BasicSR-layout LMDBs, and scripts/precompute_attention.py (yoda_plugin.attention.precompute)."""
 import itertools
 import json
 import os
@@ -16,9 +16,11 @@ from hypothesis.extra import numpy as hnp
 
 from conftest import load_precompute_script, raw_values
 from yoda_plugin.attention import build_attention_source
+from yoda_plugin.attention.precompute import parse_source_opts
 from yoda_plugin.data.attention_lmdb import (AttentionLMDBLockedError, AttentionLMDBWriter, MissingAttentionKeyError,
-                                             check_attention_meta, decode_attention, make_attention_meta,
-                                             read_attention_lmdb, read_attention_meta, read_meta_info)
+                                             check_attention_meta, commit_pairs, decode_attention, encode_attention,
+                                             make_attention_meta, read_attention_lmdb, read_attention_meta,
+                                             read_meta_info)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'scripts', 'precompute_attention.py')
@@ -28,6 +30,7 @@ TOL = 1.0 / 65535
 
 @pytest.fixture(scope='module')
 def script():
+    """The command line (its main()), run in-process."""
     return load_precompute_script('precompute_attention')
 
 
@@ -269,6 +272,33 @@ def test_map_size_grows(tmp_path):
     assert len(open(os.path.join(path, 'meta_info.txt')).read().splitlines()) == 40
 
 
+def test_commit_pairs_grows_a_tiny_map_in_one_transaction(tmp_path):
+    """The one transaction path of the package: 400 KiB in one transaction into a 64 KiB map."""
+    rng = np.random.default_rng(5)
+    pairs = [(f'v{i:03d}'.encode(), rng.bytes(8 * 1024)) for i in range(50)]  # incompressible bytes
+    env = lmdb.open(str(tmp_path / 'raw.lmdb'), map_size=64 * 1024)
+    try:
+        assert commit_pairs(env, pairs) == 50
+        assert env.info()['map_size'] > 64 * 1024 + 50 * 8 * 1024
+        assert commit_pairs(env, [(k, b'other') for k, _ in pairs[:5]], overwrite=False) == 0  # kept
+        with env.begin() as txn:
+            assert {bytes(k): bytes(v) for k, v in txn.cursor()} == dict(pairs)
+    finally:
+        env.close()
+    # the writer's bulk path grows the same way and tracks the new size
+    maps = {f'k{i:03d}': rng.random((64, 64)) for i in range(50)}  # incompressible: ~8 KiB each as PNG
+    encoded = [(k.encode(), encode_attention(v, k)) for k, v in maps.items()]
+    path = str(tmp_path / 'att.lmdb')
+    with AttentionLMDBWriter(path, gaussian_meta(), map_size=64 * 1024) as writer:
+        assert writer.put_many_encoded(encoded) == 50
+        assert writer.map_size == writer.env.info()['map_size'] > 64 * 1024
+        assert writer.put_many_encoded(encoded[:3], overwrite=False) == 0
+    assert raw_values(path) == {k.decode(): v for k, v in encoded}
+    for k, v in maps.items():
+        assert np.abs(read_attention_lmdb(path, k) - v).max() <= TOL
+    assert [row[0] for row in read_meta_info(path)] == sorted(maps)
+
+
 def test_check_attention_meta(tmp_path):
     path = str(tmp_path / 'att.lmdb')
     meta = make_attention_meta(build_attention_source('edge'), grid='lr')
@@ -462,11 +492,11 @@ def test_script_usage_errors(tmp_path, script, capsys):
     assert 'bogus' in capsys.readouterr().err
 
 
-def test_parse_source_opts(script):
-    assert script.parse_source_opts(['sigma=0.3', 'n_features=5', 'low_threshold=none', 'flag=true', 'mode=abc']) == {
+def test_parse_source_opts():
+    assert parse_source_opts(['sigma=0.3', 'n_features=5', 'low_threshold=none', 'flag=true', 'mode=abc']) == {
         'sigma': 0.3, 'n_features': 5, 'low_threshold': None, 'flag': True, 'mode': 'abc'}
     with pytest.raises(ValueError):
-        script.parse_source_opts(['novalue'])
+        parse_source_opts(['novalue'])
 
 
 def test_script_as_subprocess_exit_code(tmp_path):

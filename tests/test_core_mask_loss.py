@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from yoda_plugin.core import (diffused_steps_per_pixel, masked_noise_loss, pixel_update_ratio, space_timesteps,
-                              time_dependent_mask)
+from yoda_plugin.core import (YODAMask, diffused_steps_per_pixel, masked_noise_loss, pixel_update_ratio,
+                              space_timesteps, time_dependent_mask)
 
 A_HAND = torch.tensor([[0.0, 0.5], [0.8, 1.0]])
 
@@ -142,3 +142,33 @@ def test_masked_loss_errors():
         masked_noise_loss(x, torch.zeros(1, 3, 4, 5))
     with pytest.raises(ValueError, match='mask shape'):
         masked_noise_loss(x, x, torch.ones(1, 1, 2, 2))
+
+
+def test_ten_step_grid_by_hand():
+    """T = 500, K = 10, l = 0.4: the grid is t = 50, 100, ..., 500, the budget 500 (A + 0.4).
+
+    A = 0 -> budget 200 -> refined at t = 50..200: 4 steps; A = 0.5 -> 450: 9 steps; A = 1 -> all 10;
+    A = 0.21 -> 305: 6 steps. Every pixel gets at least one step (the last one, t = 50 <= 200).
+    """
+    ts = space_timesteps(500, 10)
+    assert ts.tolist() == [0, 50, 100, 150, 200, 250, 300, 350, 400, 450, 500]
+    att = torch.tensor([[0.0, 0.5], [1.0, 0.21]])
+    mask = YODAMask(att, 0.4, 500)
+    assert mask.steps_per_pixel(ts).flatten().tolist() == [4, 9, 10, 6]
+    assert float(mask.update_ratio(ts)) == pytest.approx((4 + 9 + 10 + 6) / 40)
+    assert mask.at(50).flatten().tolist() == [1, 1, 1, 1]  # the last step refines every pixel
+    assert mask.at(250).flatten().tolist() == [0, 1, 1, 1]
+    assert mask.at(500).flatten().tolist() == [0, 0, 1, 0]
+    # The same rule in normalised time on the 500-step training grid: shares agree.
+    full = mask.update_ratio(torch.arange(501))
+    assert abs(float(full) - float(mask.update_ratio(ts))) < 0.02
+
+
+def test_yoda_mask_crop_and_per_sample_steps():
+    att = torch.rand(3, 1, 6, 6)
+    mask = YODAMask(att, 0.3, 100)
+    t = torch.tensor([10, 50, 100])
+    assert torch.equal(mask.crop((1, 4, 2, 6)).at(t), mask.at(t)[..., 1:4, 2:6])
+    assert torch.equal(mask.at(t), time_dependent_mask(att, 0.3, t, 100))
+    with pytest.raises(ValueError, match='num_train_timesteps'):
+        YODAMask(att, 0.3, 0)

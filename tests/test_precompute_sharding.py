@@ -1,4 +1,5 @@
-"""scripts/precompute_attention.py: torchrun sharding and shard merging, resuming, previews, --device."""
+"""scripts/precompute_attention.py and yoda_plugin.attention.precompute: torchrun sharding and shard merging,
+resuming, previews, --device."""
 import importlib.util
 import os
 import subprocess
@@ -6,9 +7,12 @@ import subprocess
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from conftest import PYTHON, REPO, load_precompute_script, raw_values, run_env
 from yoda_plugin.attention import build_attention_source
+from yoda_plugin.attention.precompute import build_source, merge_shards, resolve_device, source_takes_device
+from yoda_plugin.attention.previews import colorize, preview_name, preview_strip, preview_tiles
 from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter, make_attention_meta, read_meta_info
 
 SCRIPT = os.path.join(REPO, 'scripts', 'precompute_attention.py')
@@ -18,6 +22,7 @@ SIZE = (24, 20)  # (h, w)
 
 @pytest.fixture(scope='module')
 def script():
+    """The command line (its main()), run in-process."""
     return load_precompute_script('precompute_attention_sharding')
 
 
@@ -152,7 +157,7 @@ def test_merge_refuses_a_shard_of_another_configuration(tmp_path, reference, scr
     assert os.path.isdir(tmp_path / 'att.lmdb.shards' / 'rank0.lmdb')  # left for the user to inspect
 
 
-def test_merge_grows_the_map_and_commits_in_chunks(tmp_path, script):
+def test_merge_grows_the_map_and_commits_in_chunks(tmp_path):
     rng = np.random.default_rng(1)
     maps = {f'k{i:02d}': rng.random((48, 48)) for i in range(30)}  # incompressible: ~4.6 KiB each
     with AttentionLMDBWriter(str(tmp_path / 'o.lmdb.shards' / 'rank3.lmdb'), edge_meta()) as shard:
@@ -160,20 +165,20 @@ def test_merge_grows_the_map_and_commits_in_chunks(tmp_path, script):
             shard.put(key, amap)
     with AttentionLMDBWriter(str(tmp_path / 'o.lmdb'), edge_meta(), map_size=32 * 1024) as writer:
         writer.put('k00', maps['k00'])
-        assert script.merge_shards(writer, str(tmp_path / 'o.lmdb'), chunk=7, log=lambda *a: None) == (1, 29, 1)
+        assert merge_shards(writer, str(tmp_path / 'o.lmdb'), chunk=7, log=lambda *a: None) == (1, 29, 1)
         assert writer.map_size > 32 * 1024 and len(writer) == 30
     assert not os.path.exists(tmp_path / 'o.lmdb.shards')
     assert [row[0] for row in read_meta_info(str(tmp_path / 'o.lmdb'))] == sorted(maps)
 
 
-def test_previews_of_deterministic_and_dino_sources(tmp_path, script):
+def test_previews_of_deterministic_and_dino_sources(tmp_path):
     image = np.zeros((16, 12, 3), np.uint8)
     image[4:12, 3:9] = 200
     source = build_attention_source('sift')
-    strip = script.preview_strip(image, script.preview_tiles(source, image))
+    strip = preview_strip(image, preview_tiles(source, image))
     assert strip.shape == (128, 2 * 96, 3) and strip.dtype == np.uint8
     # the second tile is the viridis colouring of the map, enlarged with nearest neighbour (labels aside)
-    expected = cv2.resize(script.colorize(source(image)), (96, 128), interpolation=cv2.INTER_NEAREST)
+    expected = cv2.resize(colorize(source(image)), (96, 128), interpolation=cv2.INTER_NEAREST)
     np.testing.assert_array_equal(strip[40:, 96:], expected[40:])
 
     class FakeDino:  # the interface preview_tiles uses: batch_head_maps and heads
@@ -183,28 +188,28 @@ def test_previews_of_deterministic_and_dino_sources(tmp_path, script):
             h, w = images[0].shape[:2]
             return [np.stack([np.full((h, w), k / 5.0, np.float32) for k in range(6)])]
 
-    tiles = script.preview_tiles(FakeDino(), image)
+    tiles = preview_tiles(FakeDino(), image)
     assert [label for label, _ in tiles] == [f'head {k}' for k in range(6)] + ['MAX']
-    assert script.preview_strip(image, tiles).shape == (128, 8 * 96, 3)
+    assert preview_strip(image, tiles).shape == (128, 8 * 96, 3)
     FakeDino.heads = 2
-    assert script.preview_tiles(FakeDino(), image)[-1][0] == 'used: head 2'
-    assert script.preview_name('a/b c') == 'a_b_c.png'
+    assert preview_tiles(FakeDino(), image)[-1][0] == 'used: head 2'
+    assert preview_name('a/b c') == 'a_b_c.png'
 
 
 def test_device_option(tmp_path, script, capsys):
     class Args:
         source, source_opt, device = 'edge', [], 'cuda'
 
-    assert script.build_source(Args()).config()['name'] == 'edge'  # deterministic sources ignore --device
+    assert build_source(Args()).config()['name'] == 'edge'  # deterministic sources ignore --device
     Args.device = 'not-a-device'
     with pytest.raises(ValueError, match='not a torch device'):
-        script.build_source(Args())
-    assert str(script.resolve_device('cpu', local_rank=1)) == 'cpu'
-    assert str(script.resolve_device(None)) == ('cuda' if script.torch.cuda.is_available() else 'cpu')
-    assert script.source_takes_device('dino_vits8') and not script.source_takes_device('sift')
-    if not script.torch.cuda.is_available():
+        build_source(Args())
+    assert str(resolve_device('cpu', local_rank=1)) == 'cpu'
+    assert str(resolve_device(None)) == ('cuda' if torch.cuda.is_available() else 'cpu')
+    assert source_takes_device('dino_vits8') and not source_takes_device('sift')
+    if not torch.cuda.is_available():
         with pytest.raises(ValueError, match='CUDA is not available'):
-            script.resolve_device('cuda')
+            resolve_device('cuda')
     # a DINO source receives the device; missing weights are a setup error (exit 2), not a traceback
     for var in ('YODA_DINO_VITS8', ):
         os.environ.pop(var, None)

@@ -100,10 +100,14 @@ def test_bad_yoda_options_are_refused(tiny_data):
         ({'yoda': {'enabled': True, 'lowerbound': 0.3}}, 'yoda.lowerbound'),
         ({'yoda': {'enabled': True, 'lower_bound': 1.2}}, 'lower_bound'),
         ({'yoda': {'enabled': True, 'lower_bound': 0}}, 'lower_bound'),
+        ({'yoda': {}}, 'yoda: the section is empty'),
+        ({'yoda': {'enabled': True, 'lr_noise': 'literal'}}, 'yoda.lr_noise must be one of'),
         ({'diffusion': {'num_timesteps': 100, 'sample_steps': 200}}, 'sample_steps'),
         ({'diffusion': {'schedule': 'sigmoid'}}, 'schedule'),
         ({'diffusion': {'steps': 10}}, 'diffusion.steps'),
         ({'val': {'sample_sed': 1}}, 'val.sample_sed'),
+        ({'val': {'sampler': {'type': 'ddim', 'stpes': 10}}}, 'val.sampler.stpes'),
+        ({'val': {'sparse': {'margn': 3}}}, 'val.sparse.margn'),
     ]
     for change, words in cases:
         opt = {**base, **change}

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from yoda_plugin.core import (DiffusionSchedule, SparseDenoiser, YODAConfig, active_box, active_regions,
-                              make_beta_schedule, sample_loop)
+from yoda_plugin.core import (DDPMSampler, DiffusionSchedule, SparseDenoiser, YODAConfig, active_box, active_regions,
+                              make_beta_schedule, sample)
 
 
 def test_active_box_hand_cases():
@@ -38,7 +38,7 @@ def local_net():
 def local_case(size, blobs):
     """A local network's ``net_fn``, and ``run(fn)`` sampling with it from fixed noise (the dense run: fn=None)."""
     net = local_net()
-    schedule = DiffusionSchedule(make_beta_schedule('linear', 100, 1e-4, 0.05)).respace(25)
+    sampler = DDPMSampler(DiffusionSchedule(make_beta_schedule('linear', 100, 1e-4, 0.05)), 25)
     cond = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     att = torch.zeros(2, 1, size, size)
     for b, top, bottom, left, right, value in blobs:  # high-attention regions: refined early, the rest late
@@ -49,8 +49,8 @@ def local_case(size, blobs):
         return net(torch.cat([c, z], 1)) * 0.1
 
     def run(fn=None):
-        return sample_loop(fn or (lambda z, k: net_fn(z, k, None)), schedule, cond, att, YODAConfig(lower_bound=0.2),
-                           torch.Generator().manual_seed(1), pass_mask=fn is not None)
+        yoda_sampler = YODAConfig(lower_bound=0.2).wrap(sampler, att, cond)
+        return sample(fn or (lambda z, k, mask: net_fn(z, k, None)), yoda_sampler, cond, torch.Generator().manual_seed(1))
 
     return net_fn, run
 
@@ -71,12 +71,13 @@ def test_steps_with_empty_mask_call_no_network():
     schedule = DiffusionSchedule(make_beta_schedule('linear', 100, 1e-4, 0.05))
     calls = []
 
-    def fn(z, k):
+    def fn(z, k, mask):
         calls.append(int(k[0]))
         return torch.zeros_like(z)
 
     att = torch.zeros(1, 1, 8, 8)  # every pixel refined only for the last T * l = 30 steps
-    sample_loop(fn, schedule, torch.zeros(1, 3, 8, 8), att, YODAConfig(lower_bound=0.3))
+    x = torch.zeros(1, 3, 8, 8)
+    sample(fn, YODAConfig(lower_bound=0.3).wrap(DDPMSampler(schedule), att, x), x)
     assert calls == list(range(30, 0, -1))
 
 

@@ -119,3 +119,105 @@ def test_channels_last_and_compile_match_the_plain_model(tiny_data):
         assert keys == base[2], 'checkpoint keys must not change'
     with pytest.raises(ValueError, match='train.compile'):
         model_and_batch(tiny_data, train__compile='yes')
+
+
+# -- the one sampling pipeline ------------------------------------------------------------------------------
+@pytest.mark.parametrize('yoda, variance', [(True, 'posterior'), (False, 'posterior'), (True, 'beta')],
+                         ids=['yoda', 'vanilla', 'yoda-beta'])
+def test_default_sampling_equals_the_pre_refactor_loop_bit_for_bit(tiny_data, yoda, variance):
+    """Default options (DDPM on diffusion.sample_steps) reproduce the old sample_loop exactly."""
+    from reference_ddpm import reference_sample_loop
+    torch.manual_seed(0)
+    model, batch = model_and_batch(tiny_data, yoda=yoda, diffusion__variance=variance)
+    model.feed_data(batch)
+    out = model.sample(seed=3)
+    net = model.net_g_ema
+    schedule = model.schedule.respace(5)  # tiny_options: T = 100, sample_steps 5
+    cond = batch['lq_up'] * 2 - 1
+
+    def denoise(z_in, k):  # the old SR3Model._denoise
+        return net(z_in, cond, schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
+
+    z = reference_sample_loop(denoise, schedule, cond, batch['attention'] if yoda else None, 0.3, 'marginal', True,
+                              torch.Generator().manual_seed(3), (-1.0, 1.0), variance)
+    assert torch.equal(out, ((z + 1) / 2).clamp(0, 1))
+    assert model.sample_schedule.num_steps == 5 and torch.equal(model.sample_schedule.timesteps, schedule.timesteps)
+
+
+@pytest.mark.parametrize('sampler', [{'type': 'ddim', 'steps': 4}, {'type': 'ddim', 'steps': 3, 'eta': 0.5},
+                                     {'type': 'dpmpp_2m', 'steps': 4}], ids=['ddim', 'ddim-eta', 'dpmpp_2m'])
+def test_val_sampler_through_the_model(tiny_data, sampler):
+    torch.manual_seed(0)
+    model, batch = model_and_batch(tiny_data, val__sampler=sampler)
+    assert model.pipeline.steps == sampler['steps'] and model.pipeline.sampler.name == sampler['type']
+    assert model.sampler_label().startswith(sampler['type']) and model.sampler_label().endswith(f'/{sampler["steps"]}')
+    model.feed_data(batch)
+    model.test(seed=0)
+    out = model.output
+    assert out.shape == batch['gt'].shape and bool(torch.isfinite(out).all())
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    model.test(seed=0)
+    assert torch.equal(model.output, out), 'seeded sampling is reproducible'
+    default, _ = model_and_batch(tiny_data)
+    default.net_g_ema.load_state_dict(model.net_g_ema.state_dict())
+    default.feed_data(batch)
+    assert not torch.equal(default.sample(seed=0), out), 'the sampler option is used'
+
+
+def test_bad_val_sampler_options_name_the_key(tiny_data):
+    for bad, message in (({'tpye': 'ddim'}, r'val\.sampler\.tpye \(did you mean val\.sampler\.type\?\)'),
+                         ({'type': 'euler'}, r'val\.sampler\.type must be one of'),
+                         ({'type': 'ddim', 'steps': 0}, r'val\.sampler\.steps must be a positive integer'),
+                         ({'type': 'ddim', 'steps': 101}, r'val\.sampler\.steps must be in \[1, diffusion'),
+                         ({'type': 'ddim', 'eta': 2}, r'val\.sampler\.eta must be a number in \[0, 1\]'),
+                         ({'type': 'ddpm', 'eta': 0.5}, r'val\.sampler\.eta is a DDIM option'),
+                         ('ddim', r'val\.sampler must be a mapping')):
+        with pytest.raises(ValueError, match=message):
+            model_and_batch(tiny_data, val__sampler=bad)
+
+
+def test_tiled_sampling_is_accepted_for_sr3(tiny_data):
+    torch.manual_seed(0)
+    model, batch = model_and_batch(tiny_data, val__tile_size=16, val__tile_overlap=8)
+    assert model.pipeline.tiling.enabled and model.opt['val']['tile_size'] == 16  # options are not edited
+    model.feed_data(batch)
+    out = model.sample(seed=0)
+    assert out.shape == batch['gt'].shape and bool(torch.isfinite(out).all())
+    with pytest.raises(ValueError, match='val.tile_size must be a positive multiple of 2'):
+        model_and_batch(tiny_data, val__tile_size=15, val__tile_overlap=8)
+    with pytest.raises(ValueError, match=r'val\.tile_sise \(did you mean val\.tile_size\?\)'):
+        model_and_batch(tiny_data, val__tile_sise=16)
+
+
+def test_option_sections_refuse_bad_values(tiny_data):
+    for overrides, message in (({'diffusion__variance': 'fixed'}, 'diffusion.variance must be one of'),
+                               ({'diffusion__clip_denoised': 'yes'}, 'diffusion.clip_denoised must be true or false'),
+                               ({'train__nan_policy': 'ignore'}, 'train.nan_policy must be one of'),
+                               ({'val__channels_last': 1}, 'val.channels_last must be true or false')):
+        with pytest.raises(ValueError, match=message):
+            model_and_batch(tiny_data, **overrides)
+
+
+def test_build_pipeline_from_options_is_the_models_pipeline(tiny_data):
+    """yoda_plugin.models.pipeline_options.build_pipeline (the inference API's builder) == the model's pipeline."""
+    import copy
+
+    from yoda_plugin.models.pipeline_options import build_pipeline
+    torch.manual_seed(0)
+    model, batch = model_and_batch(tiny_data)
+    opt = tiny_options(tiny_data)
+    before = copy.deepcopy(opt)
+    pipe = build_pipeline(model.sampling_net(), opt)
+    model.feed_data(batch)
+    out, info = pipe(model.lq, model.lq_up, model.attention, torch.Generator().manual_seed(1))
+    assert torch.equal(out, model.sample(seed=1)) and info['sparse_stats'] is None
+    over = build_pipeline(model.sampling_net(), opt, sampler={'type': 'ddim', 'steps': 3}, amp='bf16',
+                          tiling={'tile_size': 17, 'round': True}, sparse={'enabled': True})
+    assert over.steps == 3 and over.sampler.name == 'ddim' and over.amp_dtype == torch.bfloat16
+    assert (over.tiling.tile_size, over.tiling.tile_overlap) == (16, 4) and over.sparse.enabled
+    assert build_pipeline(model.sampling_net(), opt, sample_steps=7).steps == 7
+    assert opt == before, 'nothing is written into the options'
+    with pytest.raises(ValueError, match=r'val\.sampler\.tpye'):
+        build_pipeline(model.sampling_net(), opt, sampler={'tpye': 'ddim'})
+    with pytest.raises(ValueError, match='no diffusion SR model'):
+        build_pipeline(model.sampling_net(), {**opt, 'model_type': 'SRModel'})

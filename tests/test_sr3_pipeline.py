@@ -21,6 +21,7 @@ def test_train_validate_checkpoint_and_test(tiny_data, tmp_path, yoda):
     exp = tmp_path / 'experiments' / name
     log = train_log(exp)
     assert 'Validation tiny_val' in log and '# psnr' in log and '# ssim' in log
+    assert 'sampler ddpm/5' in log  # the init line and the validation line name the sampler
     assert ('mask_ratio' in log) == yoda
     for f in ('net_g_2.pth', 'net_g_4.pth', 'net_g_latest.pth'):
         ckpt = torch.load(exp / 'models' / f, map_location='cpu', weights_only=True)
@@ -42,6 +43,7 @@ def test_train_validate_checkpoint_and_test(tiny_data, tmp_path, yoda):
     results = tmp_path / 'results' / f'test_{name}'
     summary = json.load(open(results / 'summary_tiny_val.json'))
     assert summary['images'] == 2 and summary['yoda']['enabled'] == yoda
+    assert summary['sampler'] == {'type': 'ddpm', 'steps': None, 'eta': 0.0} and summary['sample_steps'] == 5
     assert 0 < summary['metrics']['psnr'] < 100 and -1 <= summary['metrics']['ssim'] <= 1
     assert (summary['update_ratio'] < 1.0) == yoda
     rows = open(results / 'metrics_tiny_val.csv').read().splitlines()

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import PYTHON, REPO, apply_overrides, run, tiny_options, train_log, write_options
 
 from yoda_plugin.archs.srdiff_arch import SRDiffNet
-from yoda_plugin.core import DiffusionSchedule, YODAConfig, predict_start_from_noise, q_posterior, sample_loop
+from yoda_plugin.core import DDPMSampler, DiffusionSchedule, YODAConfig, predict_start_from_noise, q_posterior, sample
 from yoda_plugin.core.tiling import TiledDenoiser, check_tiling, tile_boxes, tile_window
 from yoda_plugin.models.srdiff_model import SRDiffModel, from_residual, to_residual
 
@@ -131,7 +131,7 @@ def test_sampling_pads_unaligned_images_and_tiles():
     torch.manual_seed(0)
     deep = {'channel_mults': [1, 1, 1, 1]}  # 3 downsamplings: HR sizes must be multiples of 8
     model = make_model(val={'tile_size': 16, 'tile_overlap': 8}, sample_steps=3, net=deep)
-    assert model.align == 8
+    assert model.align == 8 and model.opt['val']['tile_size'] == 16  # the options are read, not edited
     model.feed_data(batch(size=36, width=28, b=1))  # 9x7 LR: HR 36x28, padded to 40x32 and cropped back
     out = model.sample(seed=1)
     assert out.shape == (1, 3, 36, 28) and bool(torch.isfinite(out).all())
@@ -245,22 +245,27 @@ def test_tiled_sampling_equals_whole_image_for_a_local_denoiser():
     def local(z, k):
         return toy(z) * (1 + k.view(-1, 1, 1, 1).float() / 10)
 
-    schedule = DiffusionSchedule.from_options('cosine', 20).respace(6)
+    schedule = DiffusionSchedule.from_options('cosine', 20)  # respaced to 6 steps by the sampler
     H, W = 32, 40
     zeros = torch.zeros(1, 3, H, W)
     att = torch.rand(1, 1, H, W, generator=torch.Generator().manual_seed(1))
     cfg = YODAConfig(lower_bound=0.3)
+
+    def run(denoise, config, attention):
+        sampler = DDPMSampler(schedule, 6)
+        sampler = config.wrap(sampler, attention, zeros) if config is not None else sampler
+        return sample(lambda z, k, mask: denoise(z, k), sampler, zeros, torch.Generator().manual_seed(3))
+
     with torch.no_grad():
         for attention, config in ((None, None), (att, cfg)):
-            whole = sample_loop(local, schedule, zeros, attention, config, torch.Generator().manual_seed(3))
+            whole = run(local, config, attention)
             tiled_fn = TiledDenoiser(lambda z, k, box: local(z, k), H, W, 16, overlap=8, margin=2, align=4)
             assert tiled_fn.num_tiles == 3 * 4
-            tiled = sample_loop(tiled_fn, schedule, zeros, attention, config, torch.Generator().manual_seed(3))
+            tiled = run(tiled_fn, config, attention)
             assert torch.equal(tiled, whole)
         # the margin matters: with predictions from the tile edges (margin 0) the result differs
         edge = TiledDenoiser(lambda z, k, box: local(z, k), H, W, 16, overlap=8, margin=0, align=4)
-        assert not torch.equal(sample_loop(edge, schedule, zeros, None, None, torch.Generator().manual_seed(3)),
-                               sample_loop(local, schedule, zeros, None, None, torch.Generator().manual_seed(3)))
+        assert not torch.equal(run(edge, None, None), run(local, None, None))
 
 
 # -- option files -----------------------------------------------------------------------------------------
@@ -401,3 +406,172 @@ def test_option_files_parse_with_basicsr_loader():
             opt = yaml.load(fh, Loader=yaml.Loader)
         import yoda_plugin
         assert opt['yoda_plugin'] == yoda_plugin.__version__ and opt['scale'] == 4
+
+
+# -- the shared pipeline and fast paths -------------------------------------------------------------------
+def _record_unet_dtypes(model):
+    """The dtypes the U-Net of the trained and of the sampling network compute in (forward hooks)."""
+    seen = []
+    for net in {id(n): n for n in (model.get_bare_model(model.net_g), model.sampling_net())}.values():
+        net.unet.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    return seen
+
+
+def test_amp_bf16_training_step_and_sampling():
+    """train.amp / val.amp reach SRDiff (bf16 autocast on the CPU); loss and output stay float32."""
+    torch.manual_seed(0)
+    model = make_model(is_train=True, train={'amp': 'bf16'}, val={'amp': 'bf16', 'tile_size': 16, 'tile_overlap': 8},
+                       sample_steps=4)
+    assert model.grad_scaler is None and model.pipeline.amp_dtype == torch.bfloat16
+    seen = _record_unet_dtypes(model)
+    before = [p.detach().clone() for p in model.net_g.unet.parameters()]
+    model.feed_data(batch())
+    model.optimize_parameters(1)
+    assert seen == [torch.bfloat16], 'the training step runs the network under autocast'
+    assert torch.isfinite(torch.as_tensor(model.get_current_log()['l_pix']))
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.net_g.unet.parameters()))
+    seen.clear()
+    out = model.sample(seed=0)
+    assert seen and set(seen) == {torch.bfloat16}, 'sampling runs the network under autocast'
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 32, 32) and bool(torch.isfinite(out).all())
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    assert torch.equal(model.sample(seed=0), out)
+    plain = make_model(is_train=True, sample_steps=4)
+    plain.net_g_ema.load_state_dict(model.net_g_ema.state_dict())
+    plain.feed_data(batch())
+    assert (plain.sample(seed=0) - out).abs().max() < 0.1  # bf16 rounding, same model
+    fp16 = make_model(is_train=True, train={'amp': 'fp16'})
+    assert fp16.grad_scaler is not None
+    with pytest.raises(ValueError, match='val.amp must be'):
+        make_model(val={'amp': 'int8'})
+
+
+def test_channels_last_and_compile_match_the_plain_model():
+    """SRDiff's fast paths change memory layout / wrap ``denoise``, not results (compile: the eager backend)."""
+    results = []
+    for train, val in (({}, {}), ({'channels_last': True}, {'channels_last': True}),
+                       ({'compile': {'backend': 'eager'}}, {'compile': {'backend': 'eager'}})):
+        torch.manual_seed(0)
+        model = make_model(is_train=True, train=train, val={'tile_size': 16, 'tile_overlap': 8, **val},
+                           sample_steps=4)
+        if 'compile' in val:
+            assert model.net_g_ema._yoda_compiled and 'denoise' in vars(model.net_g_ema)
+            assert 'denoise' in vars(model.get_bare_model(model.net_g))
+        if 'channels_last' in val:
+            weight = next(p for p in model.net_g_ema.unet.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+            assert model.pipeline.channels_last and weight.is_contiguous(memory_format=torch.channels_last)
+            assert not weight.is_contiguous()
+        torch.manual_seed(1)
+        model.feed_data(batch())
+        model.optimize_parameters(1)
+        results.append((float(model.get_current_log()['l_pix']), model.sample(seed=0),
+                        sorted(model.get_bare_model(model.net_g).state_dict())))
+    base = results[0]
+    for loss, out, keys in results[1:]:
+        assert loss == pytest.approx(base[0], rel=1e-5, abs=1e-6)
+        assert torch.allclose(out, base[1], atol=1e-4)
+        assert keys == base[2], 'checkpoint keys must not change'
+    with pytest.raises(ValueError, match='val.compile'):
+        make_model(val={'compile': 'yes'})
+
+
+@pytest.mark.parametrize('sampler', [{'type': 'ddim', 'steps': 5}, {'type': 'ddim', 'steps': 5, 'eta': 1.0},
+                                     {'type': 'dpmpp_2m', 'steps': 5}], ids=['ddim', 'ddim-eta1', 'dpmpp_2m'])
+def test_val_sampler_through_the_model(sampler):
+    torch.manual_seed(0)
+    model = make_model(val={'sampler': sampler})
+    assert model.pipeline.steps == 5 and model.sample_schedule.num_steps == 5
+    model.feed_data(batch(size=16))
+    model.test(seed=2)
+    out = model.output
+    assert out.shape == (2, 3, 16, 16) and bool(torch.isfinite(out).all())
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    model.test(seed=2)
+    assert torch.equal(model.output, out)
+    ddpm = make_model(sample_steps=5)
+    ddpm.net_g.load_state_dict(model.net_g.state_dict())
+    ddpm.feed_data(batch(size=16))
+    assert not torch.equal(ddpm.sample(seed=2), out), 'the sampler option is used'
+    with pytest.raises(ValueError, match=r'val\.sampler\.tpye'):
+        make_model(val={'sampler': {'tpye': 'ddim'}})
+    with pytest.raises(ValueError, match=r'val\.sampler\.steps must be in \[1, diffusion\.num_timesteps=20\]'):
+        make_model(val={'sampler': {'type': 'ddim', 'steps': 21}})
+
+
+class _Images(torch.utils.data.Dataset):
+    """A dataset of synthetic batches as BasicSR's validation reads it (one image per index)."""
+    opt = {'name': 'unit'}
+
+    def __init__(self, n, size, attention):
+        data = batch(size=size, b=n, attention=attention)
+        self.items = [{k: v[i] for k, v in data.items()} for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {**self.items[i], 'lq_path': f'img_{i}.png'}
+
+
+def test_sparse_sampling_runs_and_is_reported(tmp_path):
+    """val.sparse through SRDiffModel.sample and the validation report (sparse_pixels, the sampler)."""
+    from types import SimpleNamespace
+    att = torch.zeros(2, 1, 32, 32)
+    att[:, :, 4:12, 8:20] = 1.0
+    torch.manual_seed(0)
+    model = make_model(val={'sparse': {'enabled': True, 'margin': 4, 'region_cost': 0}, 'save_img': False},
+                       path={'results_root': str(tmp_path), 'visualization': str(tmp_path / 'vis')}, sample_steps=5)
+    model.feed_data(batch(attention=att))
+    out = model.sample(seed=0)
+    assert out.shape == (2, 3, 32, 32) and bool(torch.isfinite(out).all())
+    stats = model.sparse_stats
+    assert stats['cropped_calls'] > 0 and 0 < stats['pixels'] < stats['dense_pixels'], stats
+    model.nondist_validation(SimpleNamespace(dataset=_Images(2, 32, att)), 0, None, False)
+    assert 0 < model.val_extra['sparse_pixels'] < 1 and model.val_extra['update_ratio'] < 1
+    summary = json.load(open(tmp_path / 'summary_unit.json'))
+    assert summary['sparse_pixels'] == model.val_extra['sparse_pixels'] and summary['images'] == 2
+    assert summary['sampler'] == {'type': 'ddpm', 'steps': None, 'eta': 0.0} and summary['sample_steps'] == 5
+    rows = open(tmp_path / 'metrics_unit.csv').read().splitlines()
+    assert rows[0] == 'image,update_ratio,seconds,sparse_pixels' and len(rows) == 3
+    dense = make_model(sample_steps=5)
+    dense.net_g.load_state_dict(model.net_g.state_dict())
+    dense.feed_data(batch(attention=att))
+    dense.sample(seed=0)
+    assert dense.sparse_stats is None  # val.sparse off: no counters
+
+
+def test_models_are_siblings_sharing_one_base():
+    from yoda_plugin.models.base_model import DiffusionSRModel
+    from yoda_plugin.models.sr3_model import SR3Model
+    assert issubclass(SRDiffModel, DiffusionSRModel) and issubclass(SR3Model, DiffusionSRModel)
+    assert not issubclass(SRDiffModel, SR3Model) and not issubclass(SR3Model, SRDiffModel)
+    for name in ('optimize_parameters', 'sample', 'test', 'apply_loss', 'save_network', 'load_network',
+                 'nondist_validation', 'model_to_device'):
+        assert name not in vars(SRDiffModel) and name not in vars(SR3Model), f'{name} is shared, not overridden'
+
+
+def test_build_pipeline_from_srdiff_options(tmp_path):
+    """The inference builder parses SRDiff's sections with SRDiffModel's defaults and checks."""
+    from yoda_plugin.models.pipeline_options import build_network, build_pipeline, load_network_weights
+    from yoda_plugin.models.srdiff_model import load_rrdb_for_inference
+    torch.manual_seed(0)
+    model = make_model(sample_steps=4, val={'tile_size': 16, 'tile_overlap': 8})
+    model.opt['path'] = {'models': str(tmp_path)}
+    model.save_network(model.net_g, 'net_g', 1)
+    opt = {'model_type': 'SRDiffModel', 'scale': 4, 'network_g': dict(TINY_NET),
+           'diffusion': {'schedule': 'cosine', 'num_timesteps': 20, 'sample_steps': 4},
+           'yoda': {'enabled': True, 'lower_bound': 0.3}, 'val': {'tile_size': 16, 'tile_overlap': 8}}
+    net = build_network(opt)
+    load_network_weights(net, str(tmp_path / 'net_g_1.pth'), 'params_ema')  # falls back to params
+    load_rrdb_for_inference(net, opt, str(tmp_path / 'net_g_1.pth'))  # the full checkpoint holds the encoder
+    pipe = build_pipeline(net, opt)
+    assert pipe.backbone == 'srdiff' and pipe.steps == 4 and pipe.tiling.tile_size == 16
+    data = batch(size=16)
+    model.feed_data(data)
+    out, _ = pipe(data['lq'], data['lq_up'], data['attention'], torch.Generator().manual_seed(3))
+    assert torch.equal(out, model.sample(seed=3))
+    assert build_pipeline(net, {**opt, 'diffusion': {'num_timesteps': 20}}).steps == 20  # SRDiff: all T steps
+    with pytest.raises(ValueError, match='continuous_noise_level must be false'):
+        build_pipeline(net, {**opt, 'diffusion': {'continuous_noise_level': True}})
+    with pytest.raises(ValueError, match=r'srdiff\.res_rescal'):
+        build_pipeline(net, {**opt, 'srdiff': {'res_rescal': 2}})

@@ -4,11 +4,33 @@
 of this package into BasicSR's registries. Option files trigger that import
 themselves with the line ``yoda_plugin: !!python/name:yoda_plugin.__version__``,
 which is how BasicSR's own runners (that know nothing of plugins) find us.
+
+The YODA core (``yoda_plugin.core``: masks, samplers, adapters, pipeline) is
+plain PyTorch: where BasicSR (or OpenCV / LMDB, which it needs) is not
+installed, ``import yoda_plugin.core`` still works and only the BasicSR layer
+is missing. ``YODAResolver`` (the inference object) is imported on first use.
 """
 __version__ = '0.1.0'
 
-from .compat import install_torchvision_shim
+_OPTIONAL = ('basicsr', 'cv2', 'lmdb', 'torchvision')
+BASICSR_IMPORT_ERROR = None  # why the BasicSR layer is missing, if it is
 
-install_torchvision_shim()  # before anything imports basicsr 1.4.2
+try:
+    from .compat import install_torchvision_shim
 
-from . import archs, data, losses, metrics, models  # noqa: E402,F401  (registration)
+    install_torchvision_shim()  # before anything imports basicsr 1.4.2
+    from . import archs, data, losses, metrics, models  # noqa: F401  (registration)
+except ModuleNotFoundError as err:
+    if err.name is None or err.name.split('.')[0] not in _OPTIONAL:
+        raise
+    BASICSR_IMPORT_ERROR = err
+
+
+def __getattr__(name):
+    if name == 'YODAResolver':
+        from .inference import YODAResolver
+        return YODAResolver
+    if name in ('archs', 'data', 'losses', 'metrics', 'models') and BASICSR_IMPORT_ERROR is not None:
+        raise ImportError(f'yoda_plugin.{name} needs BasicSR and its dependencies: {BASICSR_IMPORT_ERROR} '
+                          f'(pip install basicsr opencv-python lmdb); yoda_plugin.core works without them')
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -48,6 +48,45 @@ def _crops(img, size, count, rng):
     return out
 
 
+MANIFEST = '.yoda_demo.json'  # under --root: the folders the demo created, the only ones it may delete
+
+
+class DemoRefusal(RuntimeError):
+    """The demo would have to delete or overwrite something it did not create."""
+
+
+def _manifest(root) -> dict:
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isfile(path):
+        return {'created': []}
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+def claim(root, folder):
+    """Record ``folder`` as made by the demo (before it is made), so a later run may replace it."""
+    manifest = _manifest(root)
+    rel = os.path.relpath(folder, root)
+    if rel not in manifest['created']:
+        manifest['created'].append(rel)
+        tmp = os.path.join(root, MANIFEST + '.tmp')
+        with open(tmp, 'w', encoding='utf-8') as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, os.path.join(root, MANIFEST))
+
+
+def remove_own(root, folder, why: str):
+    """Delete ``folder`` if the demo made it (saying so); refuse if it exists and the demo did not make it."""
+    if not os.path.exists(folder):
+        return
+    if os.path.relpath(folder, root) not in _manifest(root)['created']:
+        raise DemoRefusal(f'{folder} exists and was not made by the demo ({why}); the demo deletes only its own '
+                          f'folders (listed in {os.path.join(root, MANIFEST)}). Move it away, or pass another --root')
+    import shutil
+    print(f'[demo] removing {folder}, made by an earlier demo run ({why})', flush=True)
+    shutil.rmtree(folder)
+
+
 def build_demo_data(root, seed=0, train_per_photo=16, val_per_photo=3, force=False):
     """Write datasets/demo/{train,val}_{hr,lr,attention_edge}.lmdb (and PNG folders) under ``root``."""
     import cv2
@@ -59,9 +98,8 @@ def build_demo_data(root, seed=0, train_per_photo=16, val_per_photo=3, force=Fal
     done_flag = os.path.join(out, 'COMPLETE')
     if os.path.exists(done_flag) and not force:
         return out
-    if os.path.exists(out):
-        import shutil
-        shutil.rmtree(out)
+    remove_own(root, out, '--rebuild-data' if force else 'incomplete: no COMPLETE flag')
+    claim(root, out)
     rng = np.random.default_rng(seed)
     for split, photos, size, count in (('train', TRAIN_PHOTOS, 96, train_per_photo), ('val', VAL_PHOTOS, 64,
                                                                                       val_per_photo)):
@@ -125,10 +163,18 @@ def main(argv=None):
     parser.add_argument('--rebuild-data', action='store_true', help='rebuild datasets/demo even if present')
     args = parser.parse_args(argv)
     import yoda_plugin  # noqa: F401
-    from yoda_plugin.utils.options import load_options
 
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
+    try:
+        return run_demo(root, args)
+    except DemoRefusal as err:
+        print(f'[demo] error: {err}', file=sys.stderr)
+        return 2
+
+
+def run_demo(root, args):
+    from yoda_plugin.utils.options import load_options
     opts = options_dir()
     train_opt, test_opt = (os.path.join(opts, f) for f in ('train_sr3_yoda_demo.yml', 'test_sr3_yoda_demo.yml'))
     start = time.time()
@@ -137,9 +183,12 @@ def main(argv=None):
     name = load_options(train_opt)['name']
     train_cmd = [sys.executable, '-m', 'yoda_plugin', 'train', '-opt', train_opt]
     exp_dir = os.path.join(root, 'experiments', name)
-    if os.path.isdir(exp_dir):  # a fresh run each time; BasicSR would rename it to *_archived_<time>
-        import shutil
-        shutil.rmtree(exp_dir)
+    # A fresh run each time (BasicSR would rename an old one to *_archived_<time>), but only over our own.
+    remove_own(root, exp_dir, 'a new demo run trains from scratch')
+    claim(root, exp_dir)
+    results_dir = os.path.join(root, 'results', load_options(test_opt)['name'])
+    remove_own(root, results_dir, 'a new demo run tests again')
+    claim(root, results_dir)
     if args.iters:
         train_cmd += ['--force_yml', f'train:total_iter={args.iters}', f'val:val_freq={args.iters}']
     print('[demo] training:', ' '.join(train_cmd), flush=True)

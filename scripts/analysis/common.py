@@ -1,7 +1,7 @@
 """Helpers shared by the analysis scripts (and scripts/inference_yoda.py).
 
 Reading attention LMDBs, option files, datasets and result folders; building
-an SR3 model from an option file and a checkpoint; saving matplotlib figures
+the inference object (YODAResolver) of an option file and a checkpoint; saving matplotlib figures
 with the Agg backend.
 """
 import copy
@@ -244,40 +244,14 @@ def find_sr_images(folder: str, keys: Sequence[str], suffix: Optional[str] = Non
 
 # ----------------------------------------------------------------------------------------------- model
 
-def build_sr_model(opt_path: str, checkpoint: Optional[str] = None, param_key: str = 'params_ema',
-                   device: str = 'cpu', sample_steps: Optional[int] = None, work_dir: Optional[str] = None):
-    """The model of an option file (SR3Model) in test mode with the weights of ``checkpoint``.
-
-    ``checkpoint`` defaults to the option file's ``path.pretrain_network_g``; ``param_key`` picks
-    ``params`` or ``params_ema`` (BasicSR's layout). ``sample_steps`` overrides T_eval.
-    """
-    import tempfile
-
-    from basicsr.models import build_model
-    opt = load_options(opt_path)
-    checkpoint = checkpoint or (opt.get('path') or {}).get('pretrain_network_g')
-    if not checkpoint:
-        raise ValueError(f'no checkpoint: pass --checkpoint or set path.pretrain_network_g in {opt_path}')
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f'checkpoint {checkpoint} does not exist')
-    opt = copy.deepcopy(opt)
-    opt.pop('train', None)
+def build_resolver(opt_path: str, checkpoint: Optional[str] = None, param_key: str = 'params_ema',
+                   device: str = 'cpu', sample_steps: Optional[int] = None, **overrides):
+    """``yoda_plugin.YODAResolver`` of an option file and a checkpoint (default: ``path.pretrain_network_g``);
+    ``sample_steps`` overrides the sampler's steps, ``overrides`` are the resolver's (sampler, sparse, ...)."""
+    from yoda_plugin import YODAResolver
     if sample_steps is not None:
-        opt.setdefault('diffusion', {})['sample_steps'] = int(sample_steps)
-    dev = str(device)
-    if dev.startswith('cuda'):
-        import torch
-        if not torch.cuda.is_available():
-            raise RuntimeError(f'--device {dev}: CUDA is not available')
-        if ':' in dev:
-            torch.cuda.set_device(int(dev.split(':', 1)[1]))
-    root = work_dir or tempfile.mkdtemp(prefix='yoda_analysis_')
-    opt.update(is_train=False, dist=False, rank=0, world_size=1, auto_resume=False, root_path=root,
-               num_gpu=1 if dev.startswith('cuda') else 0)
-    for phase, ds in (opt.get('datasets') or {}).items():
-        ds['phase'] = phase.split('_')[0]
-        ds['scale'] = opt.get('scale')
-    res = os.path.join(root, 'results', opt['name'])
-    opt['path'] = {'pretrain_network_g': checkpoint, 'param_key_g': param_key, 'strict_load_g': True,
-                   'results_root': res, 'log': res, 'visualization': os.path.join(res, 'visualization')}
-    return build_model(opt), opt
+        overrides['sample_steps'] = int(sample_steps)
+        sampler = dict(((load_options(opt_path).get('val') or {}).get('sampler')) or {})
+        if sampler.get('steps') is not None and 'sampler' not in overrides:
+            overrides['sampler'] = {**sampler, 'steps': int(sample_steps)}
+    return YODAResolver.from_options(opt_path, checkpoint, param_key, device, **overrides)

@@ -6,7 +6,7 @@
 
 Builds the model of the option file with the checkpoint (``--param-key``,
 default ``params_ema``), takes images from the option file's test dataset
-(``--dataset``, ``--keys``), samples with ``SR3Model.sample(callback=...)`` and
+(``--dataset``, ``--keys``), samples with ``YODAResolver.sample_prepared(callback=...)`` and
 keeps z_{k-1} (shown as (z + 1) / 2) and the mask M(t_k) of the step that
 produced it at ``--steps`` evenly spaced sampling steps, ending at 0 (the
 paper shows 189, 168, ..., 21, 0 of 200). Titles give the sampling step and,
@@ -58,22 +58,20 @@ def _img(t: torch.Tensor) -> np.ndarray:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    model, _ = common.build_sr_model(args.opt, args.checkpoint, args.param_key, args.device, args.sample_steps)
+    resolver = common.build_resolver(args.opt, args.checkpoint, args.param_key, args.device, args.sample_steps)
     dataset = common.build_dataset(args.opt, args.dataset)
     index = {k: i for i, k in enumerate(dataset.keys)}
     keys = args.keys or dataset.keys[:args.num_images]
     missing = [k for k in keys if k not in index]
     if missing:
         raise SystemExit(f'keys not in the dataset: {missing}')
-    schedule = model.sample_schedule
+    schedule = resolver.pipeline.sampler.schedule
     K, ts = schedule.num_steps, schedule.timesteps.tolist()
     wanted = capture_steps(K, args.steps)
     plt = common.pyplot()
     os.makedirs(args.out, exist_ok=True)
     for n, key in enumerate(keys):
         data = dataset[index[key]]
-        batch = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in data.items()}
-        model.feed_data(batch)
         states, masks = {}, {}
 
         def callback(k, z, mask):
@@ -81,7 +79,8 @@ def main(argv=None) -> int:
                 states[k - 1] = ((z[0] + 1) / 2).cpu()
                 masks[k - 1] = mask[0].cpu() if mask is not None else torch.ones(1, *z.shape[2:])
 
-        sr = model.sample(seed=args.seed + n, callback=callback)[0]
+        att = data['attention'][None] if 'attention' in data else None
+        sr = resolver.sample_prepared(data['lq'][None], data['lq_up'][None], att, args.seed + n, callback)[0]
         cols = len(wanted)
         fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.6), squeeze=False)
         for j, s in enumerate(wanted):

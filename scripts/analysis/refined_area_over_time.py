@@ -24,10 +24,12 @@ import common  # noqa: E402
 
 
 def refined_share(amap: np.ndarray, lower_bound: float, num_timesteps: int, ts: np.ndarray) -> np.ndarray:
-    """Share of pixels with M(t) = 1 for each t in ``ts`` (Eq. 9 in float64, as yoda_plugin.core)."""
-    budget = np.sort((num_timesteps * (amap.astype(np.float64) + lower_bound)).ravel())
-    # #{budget >= t} = n - #{budget < t}
-    return 1.0 - np.searchsorted(budget, np.asarray(ts, np.float64), side='left') / budget.size
+    """Share of the map's pixels refined (M(t) = 1, Eq. 9) at each training time step in ``ts``."""
+    import torch
+
+    from yoda_plugin.core import YODAMask
+    mask = YODAMask(torch.from_numpy(np.ascontiguousarray(amap, dtype=np.float32)), lower_bound, num_timesteps)
+    return mask.refined_share(torch.as_tensor(np.asarray(ts, np.float64)))[0].numpy()
 
 
 def build_parser():

@@ -1,4 +1,4 @@
-"""Time-dependent masks (paper Eq. 9).
+"""Time-dependent masks (paper Eq. 9), in one place: :class:`YODAMask`.
 
     M(t)_ij = 1  if  T * (A_ij + l) >= t,  else 0
 
@@ -9,7 +9,16 @@ floor(T * l) steps and a pixel is never switched off once switched on
 (sampling runs t = T..1). On a respaced sampling grid we keep the same rule
 with t the training time step of each sampling step, i.e. the mask is defined
 on normalised time t / T: the share of sampling steps a pixel is refined at is
-the same on both grids.
+the same on every grid.
+
+Every grid gives every pixel at least one refinement step: the last sampling
+step maps to the training step t_1 = round(T / K) <= T * l whenever
+K >= 1 / l (K >= 3 for the default l = 0.4); on a coarser grid the last
+step still refines the pixels with A >= t_1 / T - l. ``tests/test_core_mask_loss.py``
+checks the 10-step grid by hand.
+
+YODA off is one thing in the core: no mask (``None``) wherever a
+``YODAMask`` is accepted; :meth:`yoda_plugin.core.YODAConfig.mask` returns it.
 """
 import numbers
 from typing import Union
@@ -55,39 +64,83 @@ def check_attention(attention: torch.Tensor, name: str = 'attention') -> torch.T
     return attention
 
 
+class YODAMask:
+    """Eq. 9 for a batch of attention maps: the budget T * (A + l) is computed once (float64).
+
+    ``mask.at(t)`` is M(t) for the training time step ``t`` (an int, or a
+    tensor of shape (B,) with one step per sample as in training), shaped
+    (B, 1, H, W) in ``dtype`` (default: the attention's dtype).
+    """
+
+    def __init__(self, attention: torch.Tensor, lower_bound: Number, num_train_timesteps: int):
+        attention = check_attention(attention)
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) \
+                or num_train_timesteps < 1:
+            raise ValueError(f'num_train_timesteps must be a positive integer, got {num_train_timesteps!r}')
+        self.lower_bound = check_lower_bound(lower_bound)
+        self.num_train_timesteps = num_train_timesteps
+        self.dtype = attention.dtype
+        self.budget = num_train_timesteps * (attention.double() + self.lower_bound)  # T * (A + l)
+
+    @property
+    def shape(self):
+        return self.budget.shape
+
+    def at(self, t: Union[int, torch.Tensor], dtype: torch.dtype = None) -> torch.Tensor:
+        """M(t): 1 where T * (A + l) >= t (Eq. 9)."""
+        if isinstance(t, torch.Tensor):
+            t = t.to(self.budget.device)
+            if t.dim() == 0:
+                t = t.expand(self.budget.shape[0])
+            if t.shape != (self.budget.shape[0], ):
+                raise ValueError(f'time steps must be a scalar or have shape ({self.budget.shape[0]},), '
+                                 f'got {tuple(t.shape)}')
+            t = t.double().view(-1, 1, 1, 1)
+        return (self.budget >= t).to(dtype or self.dtype)
+
+    def steps_per_pixel(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """How many of the sampling steps with training times ``timesteps[1:]`` refine each pixel: (B, 1, H, W)."""
+        ts = torch.as_tensor(timesteps, device=self.budget.device).double()[1:]
+        # budget >= t for t in ts  <=>  count of ts <= budget (ts ascending).
+        return torch.searchsorted(ts.contiguous(), self.budget.contiguous(), right=True)
+
+    def update_ratio(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Share of pixel updates versus full diffusion on that grid, per image (paper Fig. 4): (B,)."""
+        return self.steps_per_pixel(timesteps).double().mean(dim=(1, 2, 3)) / (len(timesteps) - 1)
+
+    def refined_share(self, t: torch.Tensor) -> torch.Tensor:
+        """Share of each image's pixels with M(t) = 1 at every training time in ``t`` (paper Fig. 5): (B, len(t))."""
+        budget = self.budget.flatten(1).sort(dim=1).values
+        ts = torch.as_tensor(t, device=budget.device).double().flatten()
+        # #{budget >= t} = n - #{budget < t}
+        below = torch.searchsorted(budget.contiguous(), ts.expand(budget.shape[0], -1).contiguous(), right=False)
+        return 1.0 - below.double() / budget.shape[1]
+
+    def to(self, device) -> 'YODAMask':
+        self.budget = self.budget.to(device)
+        return self
+
+    def crop(self, box) -> 'YODAMask':
+        """The mask of the sub-image ``(top, bottom, left, right)`` (tiling, padding)."""
+        out = object.__new__(YODAMask)
+        out.__dict__.update(self.__dict__)
+        out.budget = self.budget[..., box[0]:box[1], box[2]:box[3]]
+        return out
+
+
 def time_dependent_mask(attention: torch.Tensor, lower_bound: Number, t: Union[int, torch.Tensor],
                         num_timesteps: int) -> torch.Tensor:
-    """Eq. 9 for a batch: a {0, 1} mask shaped like ``attention`` (B, 1, H, W).
-
-    ``t`` is the training time step (1..T), a python int or a tensor of shape
-    (B,) (one time step per sample, as in training). Comparison happens in
-    float64 so masks do not depend on the attention dtype.
-    """
-    attention = check_attention(attention)
-    lower_bound = check_lower_bound(lower_bound)
-    if isinstance(t, torch.Tensor):
-        t = t.to(attention.device)
-        if t.dim() == 0:
-            t = t.expand(attention.shape[0])
-        if t.shape != (attention.shape[0], ):
-            raise ValueError(f'time steps must be a scalar or have shape ({attention.shape[0]},), got {tuple(t.shape)}')
-        t = t.double().view(-1, 1, 1, 1)
-    budget = num_timesteps * (attention.double() + lower_bound)
-    return (budget >= t).to(attention.dtype)
+    """Eq. 9 for a batch, as a function: ``YODAMask(attention, lower_bound, num_timesteps).at(t)``."""
+    return YODAMask(attention, lower_bound, num_timesteps).at(t)
 
 
 def diffused_steps_per_pixel(attention: torch.Tensor, lower_bound: Number, timesteps: torch.Tensor,
                              num_timesteps: int) -> torch.Tensor:
     """How many of the steps ``timesteps[1:]`` refine each pixel: (B, 1, H, W) long."""
-    attention = check_attention(attention)
-    budget = num_timesteps * (attention.double() + check_lower_bound(lower_bound))
-    ts = torch.as_tensor(timesteps, device=attention.device).double()[1:]
-    # budget >= t for t in ts  <=>  count of ts <= budget (ts ascending).
-    return torch.searchsorted(ts.contiguous(), budget.contiguous(), right=True)
+    return YODAMask(attention, lower_bound, num_timesteps).steps_per_pixel(timesteps)
 
 
 def pixel_update_ratio(attention: torch.Tensor, lower_bound: Number, timesteps: torch.Tensor,
                        num_timesteps: int) -> torch.Tensor:
     """Share of pixel updates versus full diffusion, per image (paper Fig. 4): (B,)."""
-    steps = diffused_steps_per_pixel(attention, lower_bound, timesteps, num_timesteps)
-    return steps.double().mean(dim=(1, 2, 3)) / (len(timesteps) - 1)
+    return YODAMask(attention, lower_bound, num_timesteps).update_ratio(timesteps)

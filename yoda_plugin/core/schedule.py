@@ -117,9 +117,13 @@ class DiffusionSchedule:
         betas = 1.0 - abar[1:] / abar[:-1]
         return DiffusionSchedule(betas, ts, self.num_train_timesteps)
 
-    def normalized_time(self, k: torch.Tensor) -> torch.Tensor:
-        """t_k / T_train in (0, 1], float64: the time the mask (Eq. 9) uses."""
-        return self.timesteps.to(k.device)[k].double() / self.num_train_timesteps
+    def noise_level(self, k: torch.Tensor) -> torch.Tensor:
+        """sqrt(abar_k) (B,), float64: SR3's continuous noise-level input for grid step ``k``."""
+        return self.sqrt_alphas_cumprod.to(k.device)[k]
+
+    def train_timestep(self, k: torch.Tensor) -> torch.Tensor:
+        """The training time step t_k (B,) long of grid step ``k``: SRDiff's integer time input, Eq. 9's t."""
+        return self.timesteps.to(k.device)[k]
 
     def gather(self, name: str, k: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """``getattr(self, name)[k]`` shaped (B, 1, 1, ...) in ``like``'s dtype and device."""

@@ -19,7 +19,7 @@ Either falls back to one whole-image call once the crops cost more than
 ``max_fraction`` of the image (cost: evaluated pixels plus ``region_cost`` per
 extra network call; on CPU a crop's time is about proportional to its area, so
 the default 0.9 leaves a margin for the cropping itself). Steps whose mask is
-empty call no network at all (handled in :func:`yoda_plugin.core.sampler.sample_loop`).
+empty call no network at all (handled in :func:`yoda_plugin.core.samplers.sample`).
 
 For a purely local network (convolutions only) a margin that covers its
 receptive field reproduces dense sampling to float precision (tested).
@@ -27,6 +27,7 @@ GroupNorm statistics and self-attention are global, so for the SR3 UNet
 cropping is an approximation whose error ``scripts/benchmark_yoda_overhead.py``
 measures.
 """
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -149,8 +150,48 @@ def active_regions(mask: torch.Tensor, margin: int, multiple: int, granularity: 
     return by_rows
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_sparse(margin, max_fraction, mode, granularity, region_cost, where: str = 'sparse'):
+    """Validate the sparse-sampling settings; errors name ``where.<key>``."""
+    if not _is_int(margin) or margin < 0:
+        raise ValueError(f'{where}.margin must be an integer >= 0 (pixels of context), got {margin!r}')
+    if isinstance(max_fraction, bool) or not isinstance(max_fraction, (int, float)) or not 0 < max_fraction <= 1:
+        raise ValueError(f'{where}.max_fraction must be in (0, 1], got {max_fraction!r}')
+    if mode not in SPARSE_MODES:
+        raise ValueError(f'{where}.mode must be one of {SPARSE_MODES}, got {mode!r}')
+    if granularity is not None and (not _is_int(granularity) or granularity < 1):
+        raise ValueError(f'{where}.granularity must be an integer >= 1 (pixels; null: the size multiple), '
+                         f'got {granularity!r}')
+    if not isinstance(region_cost, (int, float)) or isinstance(region_cost, bool) or not region_cost >= 0:
+        raise ValueError(f'{where}.region_cost must be >= 0 (pixels charged per network call), got {region_cost!r}')
+
+
+@dataclass
+class SparseConfig:
+    """The ``val.sparse`` section: crop the network input to the active mask regions (YODA only)."""
+    enabled: bool = False
+    mode: str = 'regions'
+    margin: int = 32
+    max_fraction: float = 0.9
+    granularity: Optional[int] = None
+    region_cost: float = 1024
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f'val.sparse.enabled must be true or false, got {self.enabled!r}')
+        check_sparse(self.margin, self.max_fraction, self.mode, self.granularity, self.region_cost, 'val.sparse')
+
+    def denoiser(self, net_fn: Callable, multiple: int) -> 'SparseDenoiser':
+        return SparseDenoiser(net_fn, self.margin, multiple, self.max_fraction, self.mode, self.granularity,
+                              self.region_cost)
+
+
 class SparseDenoiser:
-    """``denoise_fn(z_in, k, mask)`` for :func:`sample_loop` that crops to the active region(s).
+    """The denoiser ``(z_in, k, mask)`` of :func:`~yoda_plugin.core.samplers.sample` that crops to the active
+    region(s).
 
     ``net_fn(z_crop, k, box)`` must return the noise prediction for the crop;
     ``box`` is None for a whole-image call (the caller crops its condition,
@@ -160,22 +201,9 @@ class SparseDenoiser:
 
     def __init__(self, net_fn: Callable, margin: int = 32, multiple: int = 16, max_fraction: float = 0.9,
                  mode: str = 'bbox', granularity: Optional[int] = None, region_cost: float = 0.0):
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not is_int(margin) or margin < 0:
-            raise ValueError(f'sparse.margin must be an integer >= 0 (pixels of context), got {margin!r}')
-        if not is_int(multiple) or multiple < 1:
+        check_sparse(margin, max_fraction, mode, granularity, region_cost)
+        if not _is_int(multiple) or multiple < 1:
             raise ValueError(f'sparse crops need a size multiple >= 1 (the UNet factor), got {multiple!r}')
-        if not isinstance(max_fraction, (int, float)) or not 0 < max_fraction <= 1:
-            raise ValueError(f'sparse.max_fraction must be in (0, 1], got {max_fraction!r}')
-        if mode not in SPARSE_MODES:
-            raise ValueError(f'sparse.mode must be one of {SPARSE_MODES}, got {mode!r}')
-        if granularity is not None and (not is_int(granularity) or granularity < 1):
-            raise ValueError(f'sparse.granularity must be an integer >= 1 (pixels; null: the size multiple), '
-                             f'got {granularity!r}')
-        if not isinstance(region_cost, (int, float)) or isinstance(region_cost, bool) or not region_cost >= 0:
-            raise ValueError(f'sparse.region_cost must be >= 0 (pixels charged per network call), got {region_cost!r}')
         self.net_fn, self.margin, self.multiple, self.max_fraction = net_fn, int(margin), int(multiple), max_fraction
         self.mode, self.granularity, self.region_cost = mode, granularity, float(region_cost)
         self.stats = {'calls': 0, 'cropped_calls': 0, 'crops': 0, 'pixels': 0, 'dense_pixels': 0}

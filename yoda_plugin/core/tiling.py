@@ -2,7 +2,7 @@
 
 A diffusion SR network run on a whole 2K image needs activations for every
 pixel at once. :class:`TiledDenoiser` wraps a per-tile denoiser so that
-:func:`~yoda_plugin.core.sampler.sample_loop` can run unchanged on the whole
+:func:`~yoda_plugin.core.samplers.sample` can run unchanged on the whole
 image: the state z_t, the YODA masks and the Gaussian noise stay global (the
 noise is drawn once per step for the full image, so every tile sees the same
 global noise a whole-image run sees), and only the network evaluation is split
@@ -32,6 +32,7 @@ receptive field; GroupNorm and attention act on the whole input), so for it
 tiling is an approximation that improves with larger tiles and overlaps.
 """
 import math
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -125,8 +126,36 @@ def tile_window(height: int, width: int, box: Box, tile_size: int, overlap: int,
     return wy[:, None] * wx[None, :]
 
 
+@dataclass
+class TilingConfig:
+    """``val.tile_size`` / ``val.tile_overlap`` / ``val.tile_margin`` in HR pixels; ``tile_size`` null: whole image."""
+    tile_size: Optional[int] = None
+    tile_overlap: int = 0
+    tile_margin: Optional[int] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.tile_size is not None
+
+    def checked(self, align: int) -> 'TilingConfig':
+        """The settings validated for a network of size multiple ``align`` (margin default filled in)."""
+        if not self.enabled:
+            return self
+        size, overlap, margin = check_tiling(self.tile_size, self.tile_overlap or 0, self.tile_margin, align)
+        if overlap == 0:
+            raise ValueError('val.tile_overlap must be > 0 with tiled sampling (val.tile_size set)')
+        return TilingConfig(size, overlap, margin)
+
+    def net_fn(self, net_fn: Callable, height: int, width: int, align: int) -> Callable:
+        """``net_fn`` evaluated in tiles (itself when tiling is off)."""
+        if not self.enabled:
+            return net_fn
+        t = self.checked(align)
+        return tiled_net_fn(net_fn, height, width, t.tile_size, t.tile_overlap, t.tile_margin, align)
+
+
 class TiledDenoiser:
-    """``(z_in, k) -> eps`` for :func:`sample_loop`, evaluated tile by tile and blended.
+    """``(z_in, k, mask=None) -> eps`` for :func:`~yoda_plugin.core.samplers.sample`, evaluated tile by tile and blended.
 
     ``denoise_tile(z_tile, k, box)`` returns the prediction for the crop
     ``z_in[..., top:bottom, left:right]`` of the full image; ``box`` lets it
@@ -170,7 +199,7 @@ class TiledDenoiser:
             self._device_windows[key] = w
         return w
 
-    def __call__(self, z_in: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z_in: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if tuple(z_in.shape[-2:]) != (self.height, self.width):
             raise ValueError(f'TiledDenoiser built for {self.height}x{self.width}, got {tuple(z_in.shape[-2:])}')
         if len(self.boxes) == 1:

@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 import weakref
-from typing import Iterable, List, Tuple
+from typing import Iterable, List, Sequence, Tuple
 
 import cv2
 import lmdb
@@ -304,6 +304,35 @@ def read_attention_lmdb(path: str, key: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- writer
 
+MAX_GROWTH_RETRIES = 64
+
+
+def commit_pairs(env, pairs: Sequence[Tuple[bytes, bytes]], overwrite: bool = True, path: str = '') -> int:
+    """Put ``(key, value)`` byte pairs into the LMDB environment ``env`` in **one** write transaction.
+
+    The one place this package writes an LMDB transaction. When the map is full (``lmdb.MapFullError``) the
+    transaction has been aborted, so nothing of it is visible: the map grows to
+    ``max(2 * size, size + 4 * bytes of the values)`` and the whole transaction is retried (at most
+    :data:`MAX_GROWTH_RETRIES` times, then RuntimeError naming ``path``). With ``overwrite=False`` keys
+    already present are kept. Returns how many keys were new. No other transaction of this process may be
+    open on ``env`` (LMDB's rule for growing a map).
+    """
+    pairs = list(pairs)  # retried as a whole
+    need = sum(len(value) for _, value in pairs)
+    for _ in range(MAX_GROWTH_RETRIES):
+        try:
+            added = 0
+            with env.begin(write=True) as txn:
+                for key, value in pairs:
+                    added += bool(txn.put(key, value, overwrite=overwrite))
+            return added
+        except lmdb.MapFullError:
+            size = int(env.info()['map_size'])
+            env.set_mapsize(max(2 * size, size + 4 * need))
+    where = path or env.path()
+    raise RuntimeError(f'cannot fit {len(pairs)} value(s) of {need} bytes into {where} after growing the map')
+
+
 _OPEN_WRITERS = weakref.WeakValueDictionary()  # realpath -> open writer of this process
 
 class AttentionLMDBWriter:
@@ -316,10 +345,11 @@ class AttentionLMDBWriter:
       the differing fields. A folder with an LMDB but no metadata is refused.
     * Only one writer per folder: an exclusive non-blocking ``flock`` on
       ``path/yoda_writer.lock`` (also between two writers of one process).
-    * ``put`` commits each map in its own transaction, so readers never see a
-      torn value and an interrupted run keeps every map written so far; ``key in
-      writer`` lets a resumed run skip them. ``lmdb.MapFullError`` doubles the
-      map size and retries.
+    * ``put`` commits each map in its own transaction, ``put_many_encoded``
+      a chunk of encoded maps in one, so readers never see a torn value and an
+      interrupted run keeps every map committed so far; ``key in writer`` lets
+      a resumed run skip them. A full map grows and the transaction is retried
+      (:func:`commit_pairs`).
     * ``close`` (also on ``with`` exit, even after an error) rewrites
       ``meta_info.txt`` from all keys in the DB, sorted, atomically. Its
       compress level column is this writer's ``compress_level`` (BasicSR does
@@ -443,18 +473,22 @@ class AttentionLMDBWriter:
 
     def put_encoded(self, raw_key: bytes, value: bytes) -> None:
         """Commit already encoded bytes under ``raw_key`` in one transaction, growing the map when full."""
+        self.put_many_encoded([(raw_key, value)])
+
+    def put_many_encoded(self, pairs: Sequence[Tuple[bytes, bytes]], overwrite: bool = True) -> int:
+        """Commit encoded ``(raw_key, value)`` pairs in **one** transaction (:func:`commit_pairs`).
+
+        Committing (and fsyncing) costs milliseconds per transaction on most disks, more than computing a
+        deterministic map, so bulk writers (scripts/precompute_attention.py, shard merging) commit chunks of
+        maps; readers still never see a torn value and an interrupted run keeps every committed chunk. With
+        ``overwrite=False`` keys already present are kept. Returns how many keys were new; ``map_size``
+        follows the map's growth.
+        """
         env = self._require_open()
-        for _ in range(64):
-            try:
-                with env.begin(write=True) as txn:
-                    txn.put(raw_key, value)
-                return
-            except lmdb.MapFullError:
-                # The failed transaction was aborted; nothing of it is visible.
-                self.map_size = max(2 * self.map_size, self.map_size + 4 * len(value))
-                env.set_mapsize(self.map_size)
-                self.map_size = int(env.info()['map_size'])
-        raise RuntimeError(f'cannot fit a value of {len(value)} bytes into {self.path} after growing the map')
+        try:
+            return commit_pairs(env, pairs, overwrite=overwrite, path=self.path)
+        finally:
+            self.map_size = int(env.info()['map_size'])
 
     # -- finish
     def _meta_info_lines(self) -> Iterable[str]:

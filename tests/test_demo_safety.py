@@ -1,0 +1,38 @@
+"""The demo deletes only folders it made itself, says so, and refuses to touch anything else."""
+import os
+
+import pytest
+
+from yoda_plugin import demo
+
+
+def test_remove_own_deletes_only_claimed_folders(tmp_path, capsys):
+    root = str(tmp_path)
+    theirs = tmp_path / 'datasets' / 'demo'
+    theirs.mkdir(parents=True)
+    (theirs / 'my_photo.png').write_bytes(b'precious')
+    with pytest.raises(demo.DemoRefusal, match='was not made by the demo'):
+        demo.remove_own(root, str(theirs), 'incomplete')
+    assert (theirs / 'my_photo.png').read_bytes() == b'precious'
+
+    ours = tmp_path / 'experiments' / 'demo_run'
+    demo.claim(root, str(ours))
+    ours.mkdir(parents=True)
+    (ours / 'log.txt').write_text('old run')
+    demo.remove_own(root, str(ours), 'a new demo run trains from scratch')
+    assert not ours.exists()
+    assert f'removing {ours}' in capsys.readouterr().out
+    demo.remove_own(root, str(ours), 'gone already')  # nothing there: nothing to do
+
+
+def test_demo_refuses_an_experiment_folder_it_did_not_make(tmp_path, capsys):
+    data = tmp_path / 'datasets' / 'demo'
+    data.mkdir(parents=True)
+    (data / 'COMPLETE').write_text('')  # reuse "built" data: no build, nothing deleted there
+    exp = tmp_path / 'experiments' / 'demo_SR3_YODA_x4'
+    exp.mkdir(parents=True)
+    (exp / 'notes.txt').write_text('mine')
+    assert demo.main(['--root', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert 'was not made by the demo' in err and str(exp) in err
+    assert (exp / 'notes.txt').read_text() == 'mine' and sorted(os.listdir(tmp_path)) == ['datasets', 'experiments']

@@ -1,0 +1,196 @@
+"""``YODAResolver``: one inference object for SR3 / SRDiff, with or without YODA (after Real-ESRGAN's RealESRGANer).
+
+    from yoda_plugin import YODAResolver
+    sr = YODAResolver.from_options('options/test_sr3_yoda.yml', 'net_g_latest.pth',
+                                   sampler={'type': 'dpmpp_2m', 'steps': 20})
+    out = sr(lr)                       # lr: RGB uint8 (h, w, 3), or a list of them, or a (B, 3, h, w) tensor
+    out = sr(lr, attention=a, seed=0)  # a: the LR-grid or HR-grid map in [0, 1]; default: computed on the fly
+
+Each LR image is upsampled to the HR grid the way the option file's dataset
+does it (``resize``: Pillow or OpenCV bicubic for uint8 images; PyTorch
+bicubic for float tensors), its attention map is computed on the LR image with
+the configured source (``attention_source`` or the dataset's recorded
+``attention_meta`` source) and resized bilinearly to the HR grid, exactly as
+the training data were prepared; then the model's :class:`DiffusionSR`
+pipeline samples. Sampler, sparse sampling, tiling, device and amp are
+options of the object; nothing is written into any model's options.
+"""
+import copy
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .core import DiffusionSR
+
+ImageLike = Union[np.ndarray, torch.Tensor, Sequence[np.ndarray]]
+
+
+def resolve_device(device) -> torch.device:
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError(f'device {device}: CUDA is not available on this machine (use device="cpu")')
+    return device
+
+
+class YODAResolver:
+    """Super-resolve LR images: ``resolver(lr_images, attention=None, seed=0)``.
+
+    Built from a :class:`~yoda_plugin.core.pipeline.DiffusionSR` (a network
+    and its settings) with :meth:`from_network`, or from an option file and a
+    checkpoint with :meth:`from_options`. ``attention_source`` is an
+    :class:`~yoda_plugin.attention.AttentionSource` (or None: YODA off, or
+    maps always given by the caller).
+    """
+
+    def __init__(self, pipeline: DiffusionSR, attention_source=None, resize: str = 'pil', device='cpu'):
+        self.pipeline, self.attention_source, self.resize = pipeline, attention_source, resize
+        self.device = resolve_device(device)
+        self.scale = pipeline.scale
+        pipeline.net.to(self.device).eval()
+        self.last_info = None
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_network(cls, net, opt: dict, device='cpu', attention_source=None, **overrides) -> 'YODAResolver':
+        """A resolver for ``net`` (weights already loaded) with the ``diffusion`` / ``yoda`` / ``val`` sections of
+        ``opt``; ``overrides``: ``sampler``, ``sparse``, ``tiling``, ``amp``, ``channels_last``, ``sample_steps``
+        (each as in the ``val`` section), ``resize``."""
+        from .models.pipeline_options import build_pipeline
+        resize = overrides.pop('resize', None) or dataset_resize(opt)
+        pipeline = build_pipeline(net, opt, **overrides)
+        if attention_source is None and pipeline.yoda.enabled:
+            attention_source = attention_source_for(opt, device)
+        return cls(pipeline, attention_source, resize, device)
+
+    @classmethod
+    def from_options(cls, opt, checkpoint: Optional[str] = None, param_key: str = 'params_ema', device=None,
+                     attention_source=None, trust_checkpoint: bool = False, **overrides) -> 'YODAResolver':
+        """Build the option file's ``network_g``, load ``checkpoint`` (default: ``path.pretrain_network_g``)
+        with ``weights_only=True`` (``trust_checkpoint`` to allow pickled objects), and wrap it."""
+        from .models.pipeline_options import build_network, load_network_weights
+        from .utils.options import load_options
+        where = opt if isinstance(opt, str) else 'the options'
+        opt = load_options(opt) if isinstance(opt, str) else copy.deepcopy(opt)
+        checkpoint = checkpoint or (opt.get('path') or {}).get('pretrain_network_g')
+        if not checkpoint:
+            raise ValueError(f'no checkpoint: pass one or set path.pretrain_network_g in {where}')
+        device = resolve_device(device)
+        net = build_network(opt)
+        load_network_weights(net, checkpoint, param_key, trusted=trust_checkpoint)
+        if opt.get('model_type') == 'SRDiffModel':
+            from .models.srdiff_model import load_rrdb_for_inference
+            load_rrdb_for_inference(net, opt, checkpoint)
+        return cls.from_network(net, opt, device, attention_source, **overrides)
+
+    # -- inference ---------------------------------------------------------------------------------
+    def _upsample(self, lq: torch.Tensor, lr: Optional[np.ndarray]) -> torch.Tensor:
+        H, W = lq.shape[-2] * self.scale, lq.shape[-1] * self.scale
+        if lr is not None:  # uint8: the datasets' own bicubic, then to [0, 1]
+            from .data.transforms import bicubic_resize
+            up = bicubic_resize(lr, (H, W), self.resize)
+            return torch.from_numpy(up.transpose(2, 0, 1).copy()).float()[None].div(255.0).to(self.device)
+        return torch.nn.functional.interpolate(lq, size=(H, W), mode='bicubic', align_corners=False).clamp(0, 1)
+
+    def _attention(self, attention, lr_image: np.ndarray, hr_size) -> Optional[torch.Tensor]:
+        from .data.transforms import resize_attention
+        if not self.pipeline.yoda.enabled:
+            return None
+        if attention is None:
+            if self.attention_source is None:
+                raise ValueError('YODA is on but no attention map was given and no attention source is configured '
+                                 '(pass attention=..., or attention_source=..., or use an option file whose dataset '
+                                 'records attention_meta.source)')
+            attention = self.attention_source(lr_image)
+        amap = attention.detach().cpu().numpy() if isinstance(attention, torch.Tensor) else np.asarray(attention)
+        amap = np.squeeze(amap).astype(np.float32)
+        if amap.ndim != 2:
+            raise ValueError(f'attention map must be 2-D (h, w), got shape {amap.shape}')
+        if tuple(amap.shape) != tuple(hr_size):
+            lr_size = (hr_size[0] // self.scale, hr_size[1] // self.scale)
+            if tuple(amap.shape) != lr_size:
+                raise ValueError(f'attention map {amap.shape} matches neither the LR size {lr_size} nor the HR size '
+                                 f'{tuple(hr_size)}')
+            amap = resize_attention(amap, hr_size)
+        return torch.from_numpy(np.ascontiguousarray(amap))[None, None].to(self.device)
+
+    @torch.no_grad()
+    def super_resolve_one(self, lr: Union[np.ndarray, torch.Tensor], attention=None, seed: Optional[int] = 0,
+                          callback=None, progress: bool = False) -> torch.Tensor:
+        """One image: uint8 RGB (h, w, 3) or a float tensor (3, h, w) / (1, 3, h, w) in [0, 1]; (1, 3, H, W) out."""
+        from .attention import as_rgb_uint8
+        if isinstance(lr, torch.Tensor):
+            lq = (lr[None] if lr.dim() == 3 else lr).float().to(self.device)
+            if lq.dim() != 4 or lq.shape[:2] != (1, 3):
+                raise ValueError(f'an LR tensor must be (3, h, w) or (1, 3, h, w), got {tuple(lr.shape)}')
+            lr_image, uint8 = lq[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), None
+        else:
+            uint8 = lr_image = as_rgb_uint8(lr)
+            lq = torch.from_numpy(uint8.transpose(2, 0, 1).copy()).float()[None].div(255.0).to(self.device)
+        lq_up = self._upsample(lq, uint8)
+        att = self._attention(attention, lr_image, lq_up.shape[-2:])
+        return self.sample_prepared(lq, lq_up, att, seed, callback, progress)
+
+    @torch.no_grad()
+    def sample_prepared(self, lq: torch.Tensor, lq_up: torch.Tensor, attention: Optional[torch.Tensor] = None,
+                        seed: Optional[int] = 0, callback=None, progress: bool = False) -> torch.Tensor:
+        """A batch as a dataset gives it: ``lq``, ``lq_up`` (B, 3, ., .) in [0, 1] and the HR-grid ``attention``
+        (B, 1, H, W); SR (B, 3, H, W) in [0, 1]. ``last_info``: sparse counters, tiles, update share, attention."""
+        lq, lq_up = lq.to(self.device), lq_up.to(self.device)
+        attention = None if attention is None or not self.pipeline.yoda.enabled else attention.to(self.device)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(seed))
+        out, self.last_info = self.pipeline(lq, lq_up, attention, generator, callback, progress)
+        self.last_info['attention'] = attention
+        self.last_info['update_ratio'] = (float(self.pipeline.update_ratio(attention).mean())
+                                          if attention is not None else 1.0)
+        return out
+
+    def __call__(self, lr_images: ImageLike, attention=None, seed: Optional[int] = 0, progress: bool = False):
+        """SR images: numpy uint8 RGB in -> numpy uint8 RGB out (a list for a list), tensor in -> tensor out.
+
+        ``attention``: one map (or a list, one per image) on the LR or HR grid; None computes it. Image i of
+        a batch uses ``seed + i``.
+        """
+        single = isinstance(lr_images, np.ndarray) or (isinstance(lr_images, torch.Tensor) and lr_images.dim() == 3)
+        images = [lr_images] if single else list(lr_images)
+        maps = attention if isinstance(attention, (list, tuple)) else [attention] * len(images)
+        if len(maps) != len(images):
+            raise ValueError(f'{len(maps)} attention maps for {len(images)} images')
+        outs = [self.super_resolve_one(img, a, None if seed is None else seed + i, progress=progress)
+                for i, (img, a) in enumerate(zip(images, maps))]
+        if isinstance(lr_images, torch.Tensor):
+            return outs[0][0] if single else torch.cat(outs)
+        as_uint8 = [np.clip(np.round(o[0].permute(1, 2, 0).cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
+                    for o in outs]
+        return as_uint8[0] if single else as_uint8
+
+
+def dataset_resize(opt: dict) -> str:
+    return next((ds.get('resize', 'pil') for ds in (opt.get('datasets') or {}).values() if ds), 'pil')
+
+
+def attention_source_for(opt: dict, device=None, name: Optional[str] = None, params: Optional[dict] = None):
+    """The attention source ``name`` (with ``params``), or the one recorded in the option file's dataset
+    ``attention_meta`` (its parameters updated by ``params``); None if neither names one."""
+    from .attention import ATTENTION_SOURCES, _init_parameters, build_attention_source
+    config = {'name': name, **(params or {})} if name else None
+    for ds in (opt.get('datasets') or {}).values():
+        src = ((ds or {}).get('attention_meta') or {}).get('source')
+        if config is None and src:
+            config = {**dict(src), **(params or {})}
+    if config is None:
+        if params:
+            raise ValueError('attention source parameters given but no source: name one (e.g. --source edge)')
+        return None
+    name = config.pop('name')
+    if name not in ATTENTION_SOURCES:
+        raise ValueError(f'unknown attention source {name!r}; known: {", ".join(sorted(ATTENTION_SOURCES))}')
+    if 'device' in {p.name for p in _init_parameters(ATTENTION_SOURCES[name])} and 'device' not in config:
+        config['device'] = str(resolve_device(device))
+    return build_attention_source(name, **config)
+
+
+__all__ = ['YODAResolver', 'attention_source_for', 'dataset_resize', 'resolve_device']
