@@ -27,3 +27,7 @@ else
   echo "[setup] reusing $VENV"
 fi
 export PATH="$VENV/bin:$PATH"
+# OpenMP threads that sleep instead of spinning while they wait: with the default (spinning) a single
+# other busy process made a 20-step demo sampling run 15-25x slower on this 2-core machine; the results
+# are the same either way (README, Performance). Set OMP_WAIT_POLICY yourself to override.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"

@@ -95,6 +95,8 @@ def test_torchrun_two_cpu_processes_stay_in_sync(tiny_data, tmp_path):
     assert 'World size (gpu number): 2' in log
     assert 'Ranks in sync at iteration 2: identical parameter checksums on 2 ranks.' in log
     assert 'Ranks in sync at iteration 4' in log
+    assert 'Ranks in sync at iteration 4 (final save, latest)' in log  # BasicSR passes -1 to the final save
+    assert 'Ranks in sync at iteration -1' not in log
     assert 'Validation tiny_val' in log
 
 

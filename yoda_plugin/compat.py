@@ -9,6 +9,7 @@ disk is patched, no fork is needed, and newer basicsr (source main, which
 already imports ``functional``) is unaffected.
 """
 import importlib
+import os
 import sys
 import types
 
@@ -35,4 +36,55 @@ def install_torchvision_shim() -> bool:
     # Anything else basicsr might reach for resolves to the maintained module.
     shim.__getattr__ = lambda name: getattr(functional, name)
     sys.modules[_LEGACY] = shim
+    return True
+
+
+# Keys of the ``path`` section that are switches, not folders. BasicSR's ``make_exp_dirs`` (used by its own
+# train.py / test.py and by ours) calls ``os.makedirs`` on every ``path.*`` value whose key does not contain
+# strict_load / pretrain_network / resume / param_key, so ``path: {trust_checkpoint: true}`` crashed there
+# with "TypeError: expected str, bytes or os.PathLike object, not bool".
+PATH_SWITCHES = ('trust_checkpoint',)
+
+
+def _make_exp_dirs(opt):
+    """Make dirs for experiments (BasicSR's, also skipping yoda_plugin's path switches and non-path values).
+
+    Only its code is used, run with the globals of ``basicsr.utils.misc`` (``os``, ``mkdir_and_rename``):
+    it may name no global of this module.
+    """
+    path_opt = opt['path'].copy()
+    if opt['is_train']:
+        mkdir_and_rename(path_opt.pop('experiments_root'))  # noqa: F821  (basicsr.utils.misc's)
+    else:
+        mkdir_and_rename(path_opt.pop('results_root'))  # noqa: F821
+    for key, path in path_opt.items():
+        if ('strict_load' in key) or ('pretrain_network' in key) or ('resume' in key) or ('param_key' in key):
+            continue
+        if key in ('trust_checkpoint',) or isinstance(path, bool) or path is None:  # = PATH_SWITCHES
+            continue
+        os.makedirs(path, exist_ok=True)
+
+
+def install_make_exp_dirs_fix() -> bool:
+    """Let BasicSR's ``make_exp_dirs`` skip ``path.trust_checkpoint`` (and other non-path values).
+
+    The function's code is replaced in place, so every reference to it sees the fix: ``basicsr.utils``,
+    ``basicsr.train`` / ``basicsr.test`` and a ``basicsr/train.py`` run as a script, which all did
+    ``from basicsr.utils import make_exp_dirs`` before our option file imported us. Our option files import
+    ``yoda_plugin`` while BasicSR parses them, which is before it makes the experiment folders. Returns True
+    when installed now; False when already installed or the installed BasicSR has another ``make_exp_dirs``
+    (then it is left alone).
+    """
+    try:
+        from basicsr.utils import misc
+    except ImportError:
+        return False
+    func = getattr(misc, 'make_exp_dirs', None)
+    func = getattr(func, '__wrapped__', func)  # BasicSR decorates it with @master_only (functools.wraps)
+    if func is None or getattr(func, '_yoda_path_switches', False):
+        return False
+    if func.__code__.co_freevars or not all(name in func.__globals__ for name in ('os', 'mkdir_and_rename')):
+        return False
+    func.__code__ = _make_exp_dirs.__code__
+    func._yoda_path_switches = True
     return True

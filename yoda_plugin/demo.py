@@ -161,16 +161,38 @@ def main(argv=None):
     parser.add_argument('--root', default=os.getcwd(), help='working folder (datasets/, experiments/, results/)')
     parser.add_argument('--iters', type=int, default=None, help='override train.total_iter (and val_freq)')
     parser.add_argument('--rebuild-data', action='store_true', help='rebuild datasets/demo even if present')
+    parser.add_argument('--threads', type=int, default=2,
+                        help='CPU threads of every step (default 2): float sums depend on the thread count, so the '
+                             'same count reproduces the same numbers on any machine of the same CPU type')
     args = parser.parse_args(argv)
     import yoda_plugin  # noqa: F401
 
     root = os.path.abspath(args.root)
     os.makedirs(root, exist_ok=True)
+    if args.threads < 1:
+        parser.error('--threads must be >= 1')
+    pin_threads(args.threads)
     try:
         return run_demo(root, args)
     except DemoRefusal as err:
         print(f'[demo] error: {err}', file=sys.stderr)
         return 2
+
+
+def pin_threads(threads: int):
+    """One thread count for this process and every step it starts (OpenMP and MKL read the variables at start).
+
+    A training run is a long chain of float sums whose order depends on the thread count (one forward pass of
+    the demo UNet differs by 1e-6 between 1 and 2 threads, and 1500 training steps amplify such differences),
+    while the same count gives bit-identical runs whatever the machine's load (tests/test_demo.py).
+    """
+    import torch
+    for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+        os.environ[name] = str(threads)
+    # Waiting threads sleep rather than spin: a busy neighbour process otherwise slows every step many times
+    # over (README, Performance). Results do not depend on it; only the started steps read it.
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+    torch.set_num_threads(threads)
 
 
 def run_demo(root, args):
@@ -211,7 +233,7 @@ def run_demo(root, args):
     print(f'  {"SR3 + YODA":<16}' + ''.join(f'{summary["metrics"][n]:>10.4f}' for n in names))
     print(f'  YODA pixel-update share vs full diffusion: {summary["update_ratio"]:.3f}')
     print('  (a few minutes of CPU training does not beat bicubic; the paper trains 1M iterations)')
-    print(f'\n[demo] finished in {time.time() - start:.0f} s. Where things are:')
+    print(f'\n[demo] finished in {time.time() - start:.0f} s ({args.threads} CPU threads). Where things are:')
     print(f'  training log, options copy : {exp_dir}')
     print(f'  checkpoints                : {exp_dir}/models (net_g_*.pth: params + params_ema)')
     print(f'  resumable training states  : {exp_dir}/training_states')

@@ -67,7 +67,8 @@ class YODAResolver:
     def from_options(cls, opt, checkpoint: Optional[str] = None, param_key: str = 'params_ema', device=None,
                      attention_source=None, trust_checkpoint: bool = False, **overrides) -> 'YODAResolver':
         """Build the option file's ``network_g``, load ``checkpoint`` (default: ``path.pretrain_network_g``)
-        with ``weights_only=True`` (``trust_checkpoint`` to allow pickled objects), and wrap it."""
+        with ``weights_only=True`` (``trust_checkpoint`` or the options' ``path.trust_checkpoint: true`` to allow
+        pickled objects), and wrap it."""
         from .models.pipeline_options import build_network, load_network_weights
         from .utils.options import load_options
         where = opt if isinstance(opt, str) else 'the options'
@@ -77,7 +78,8 @@ class YODAResolver:
             raise ValueError(f'no checkpoint: pass one or set path.pretrain_network_g in {where}')
         device = resolve_device(device)
         net = build_network(opt)
-        load_network_weights(net, checkpoint, param_key, trusted=trust_checkpoint)
+        trusted = bool(trust_checkpoint) or bool((opt.get('path') or {}).get('trust_checkpoint', False))
+        load_network_weights(net, checkpoint, param_key, trusted=trusted)
         if opt.get('model_type') == 'SRDiffModel':
             from .models.srdiff_model import load_rrdb_for_inference
             load_rrdb_for_inference(net, opt, checkpoint)

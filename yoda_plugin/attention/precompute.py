@@ -237,11 +237,19 @@ def build_source(args, local_rank: Optional[int] = None) -> AttentionSource:
 
 
 def load_items(args):
-    """(items, closable LMDB input or None)."""
+    """(items, closable LMDB input or None); an input without images is a usage error (nothing is created)."""
     if is_lmdb_folder(args.input):
         lmdb_input = LMDBImages(args.input)
-        return lmdb_input.items(), lmdb_input
-    return folder_items(args.input), None
+        items = lmdb_input.items()
+        if not items:
+            lmdb_input.close()
+            raise UsageError(f'--input {args.input} holds no images: its meta_info.txt lists no keys')
+        return items, lmdb_input
+    items = folder_items(args.input)
+    if not items:
+        raise UsageError(f'--input {args.input} holds no images (files ending in '
+                         f'{", ".join(sorted(IMAGE_EXTENSIONS))}; subfolders are not searched)')
+    return items, None
 
 
 # --------------------------------------------------------------------------- computing

@@ -7,7 +7,7 @@ Layout (as BasicSR's ``create_lmdb``)::
     ├── meta_info.txt           "{key}.png ({h},{w},1) {compress_level}" per key, sorted by key
     ├── yoda_attention.json     {"format": "yoda-attention-v1", "encoding": "png16",
     │                            "source": <AttentionSource.config()>, ...extra fields}
-    └── yoda_writer.lock        flock'ed while a writer is open
+    └── yoda_writer.lock        locked while a writer is open (utils/filelock.py)
 
 Keys are the image keys (file name without extension, as BasicSR uses); a
 value is the map ``A`` in [0, 1] encoded as a 16-bit grayscale PNG of
@@ -17,7 +17,6 @@ LMDB's key size; BasicSR's own LMDB client only finds ASCII keys.
 
 Only the ``lmdb`` package is used, not basicsr.
 """
-import fcntl
 import json
 import os
 import tempfile
@@ -27,6 +26,8 @@ from typing import Iterable, List, Sequence, Tuple
 import cv2
 import lmdb
 import numpy as np
+
+from ..utils.filelock import FileLock, LockHeldError
 
 FORMAT = 'yoda-attention-v1'
 ENCODING = 'png16'
@@ -343,8 +344,9 @@ class AttentionLMDBWriter:
       folder gets ``yoda_attention.json`` (atomic write) before any map; an
       existing one must carry exactly the same metadata, else ValueError listing
       the differing fields. A folder with an LMDB but no metadata is refused.
-    * Only one writer per folder: an exclusive non-blocking ``flock`` on
-      ``path/yoda_writer.lock`` (also between two writers of one process).
+    * Only one writer per folder: an exclusive non-blocking lock
+      (:class:`~yoda_plugin.utils.filelock.FileLock`: ``flock``, else ``msvcrt``, else an exclusive-create
+      file) on ``path/yoda_writer.lock`` (also between two writers of one process).
     * ``put`` commits each map in its own transaction, ``put_many_encoded``
       a chunk of encoded maps in one, so readers never see a torn value and an
       interrupted run keeps every map committed so far; ``key in writer`` lets
@@ -366,7 +368,7 @@ class AttentionLMDBWriter:
         if isinstance(map_size, bool) or not isinstance(map_size, (int, np.integer)) or int(map_size) < 1:
             raise ValueError(f'map_size must be a positive integer (bytes), got {map_size!r}')
         self.env = None
-        self._lock_fd = None
+        self._lock = None
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ValueError(f'{self.path} exists and is not a folder')
         if os.path.exists(os.path.join(self.path, 'data.mdb')) and \
@@ -387,26 +389,15 @@ class AttentionLMDBWriter:
 
     # -- setup
     def _acquire_lock(self) -> None:
-        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        lock = FileLock(os.path.join(self.path, LOCK_FILE))
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ''
-            try:
-                holder = os.pread(fd, 64, 0).decode('ascii', 'replace').strip()
-            except OSError:
-                pass
-            os.close(fd)
-            who = f' (pid {holder})' if holder else ''
+            lock.acquire()
+        except LockHeldError as err:
+            who = f' (pid {err.holder})' if err.holder else ''
             raise AttentionLMDBLockedError(
                 f'another process is writing {self.path}{who}: it holds the lock {LOCK_FILE}; '
                 'wait for it to finish or stop it before writing to this folder') from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f'{os.getpid()}\n'.encode('ascii'), 0)
-        self._lock_fd = fd
+        self._lock = lock
 
     def _check_or_write_meta(self) -> None:
         meta_file = os.path.join(self.path, META_FILE)
@@ -524,12 +515,9 @@ class AttentionLMDBWriter:
                 self.env.close()
             finally:
                 self.env = None
-        if self._lock_fd is not None:
-            fd, self._lock_fd = self._lock_fd, None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
 
     def __del__(self):
         try:

@@ -28,7 +28,7 @@ BASICSR_DATASET_KEYS = {
 }
 YODA_DATASET_KEYS = {
     'dataroot_gt', 'dataroot_lq', 'dataroot_attention', 'io_backend', 'gt_size', 'use_hflip', 'use_rot',
-    'resize', 'filename_tmpl', 'attention_meta', 'attention_required'
+    'resize', 'filename_tmpl', 'attention_meta', 'attention_required', 'meta_info_file'
 }
 
 
@@ -52,11 +52,25 @@ def _folder_files(folder: str, what: str) -> dict:
     files = {}
     for name in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(name)
-        if ext.lower() in IMG_EXTENSIONS:
+        if ext.lower() in IMG_EXTENSIONS and os.path.isfile(os.path.join(folder, name)):  # not a folder "x.png"
             files[stem] = os.path.join(folder, name)
     if not files:
         raise ValueError(f'{what}: no images ({", ".join(IMG_EXTENSIONS)}) in {folder}')
     return files
+
+
+def _meta_info_keys(path: str, what: str) -> list:
+    """Keys listed in a BasicSR ``meta_info_file``: the first field of each line, without its extension."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{what}: meta_info_file {path} does not exist')
+    with open(path, encoding='utf-8') as f:
+        keys = [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in f if line.strip()]
+    if not keys:
+        raise ValueError(f'{what}: meta_info_file {path} lists no keys')
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f'{what}: meta_info_file {path} lists key(s) more than once: {repeated[:5]}')
+    return keys
 
 
 def _describe_mismatch(a: set, b: set, name_a: str, name_b: str) -> str:
@@ -88,6 +102,8 @@ class YODAPairedDataset(data.Dataset):
         use_hflip / use_rot: random flips / rotations, identical for LR, HR and map.
         resize: ``pil`` (default, SR3's data: Pillow bicubic) or ``matlab``.
         filename_tmpl: LR file name template in folder mode (default ``{}``).
+        meta_info_file: a BasicSR meta info file; only the keys it lists (first field of each line, extension
+            dropped, e.g. ``0001.png (480,480,3) 1``) are used, in its order; every one must be in dataroot_gt.
 
     Returns ``lq`` (LR), ``lq_up`` (LR bicubic-upsampled to HR size), ``gt``,
     all RGB float in [0, 1] (3, H, W); ``attention`` (1, H_gt, W_gt) in [0, 1]
@@ -146,6 +162,17 @@ class YODAPairedDataset(data.Dataset):
                                      _describe_mismatch(set(expected), set(lq_files), 'the HR keys (via filename_tmpl)',
                                                         self.lq_folder))
                 self.lq_paths = {k: lq_files[n] for n, k in expected.items()}
+
+        if opt.get('meta_info_file'):  # BasicSR's key: train on the subset of keys listed in this file
+            listed = _meta_info_keys(opt['meta_info_file'], f'{where}.meta_info_file')
+            known = set(self.keys)
+            missing = [k for k in listed if k not in known]
+            if missing:
+                raise KeyError(f'{where}: meta_info_file {opt["meta_info_file"]} lists {len(missing)} key(s) that '
+                               f'{self.gt_folder} does not hold, e.g. {missing[:5]}')
+            self.keys = listed
+            self.gt_paths = {k: self.gt_paths[k] for k in listed}
+            self.lq_paths = {k: self.lq_paths[k] for k in listed if k in self.lq_paths}
 
         if self.att_folder is not None:
             att_keys = set(_lmdb_keys(self.att_folder, f'{where}.dataroot_attention'))

@@ -7,6 +7,7 @@ the ranks-in-sync check); the functions are usable on their own.
 import os
 import pickle
 import random
+import re
 from collections import OrderedDict
 from os import path as osp
 
@@ -29,6 +30,38 @@ def atomic_torch_save(obj, path: str):
             os.remove(tmp)
 
 
+TRUST_SWITCH = ('"path: {trust_checkpoint: true}" in the option file (YODAResolver: trust_checkpoint=True; '
+                'scripts/inference_yoda.py: --trust-checkpoint)')
+
+
+_TORCH_BOILERPLATE = ('Weights only load failed', 'Check the documentation', 'Please file an issue', '(1)', '(2)')
+
+
+def _short(err) -> str:
+    """The line of torch's long weights-only message that says what was wrong (no colour codes)."""
+    lines = [ln.strip() for ln in re.sub(r'\x1b\[[0-9;]*m', '', str(err)).splitlines()]
+    lines = [ln.split('WeightsUnpickler error:')[-1].strip() for ln in lines
+             if ln and not ln.startswith(_TORCH_BOILERPLATE)]
+    lines = [ln for ln in lines if ln]
+    return lines[-1] if lines else str(err)
+
+
+def _not_a_checkpoint(path: str, why) -> ValueError:
+    with open(path, 'rb') as f:
+        head = f.read(16)
+    kind = ''
+    if head and not head.startswith((b'PK', b'\x80')):  # torch.save writes a zip; old torch a pickle (protocol 2+)
+        try:
+            head.decode('utf-8')
+            kind = f', it looks like a text file (starts with {head[:12]!r})'
+        except UnicodeDecodeError:
+            kind = f', it starts with {head[:8]!r}'
+    elif not head:
+        kind = ', it is empty'
+    return ValueError(f'{path} is not a PyTorch checkpoint (truncated, renamed or another format?){kind}: '
+                      f'{type(why).__name__}' + (f': {_short(why)}' if _short(why) else ''))
+
+
 def load_checkpoint(path: str, weights_only: bool = True):
     """``torch.load`` on the CPU with errors that name the file and what to do."""
     if not os.path.isfile(path):
@@ -36,15 +69,24 @@ def load_checkpoint(path: str, weights_only: bool = True):
     try:
         return torch.load(path, map_location='cpu', weights_only=weights_only)
     except pickle.UnpicklingError as err:
-        if weights_only and 'Unsupported global' in str(err):
+        # torch words a refused global "Unsupported global: GLOBAL m.x ..." or, for a blocked module (os, sys),
+        # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+        lines = [ln for ln in str(err).splitlines() if 'unsupported global' in ln.lower()]
+        if weights_only and lines:
+            detail = _short(lines[0])
+            blocked = 'is blocked' in detail
             raise ValueError(
                 f'{path} needs unsafe unpickling (it stores Python objects beyond tensors and plain containers), '
-                f'so it was refused under torch.load(weights_only=True). Only if you trust its origin, set '
-                f'"path: {{trust_checkpoint: true}}" in the option file to load it with weights_only=False. '
-                f'({str(err).splitlines()[0]})') from err
-        raise ValueError(f'{path} is not a PyTorch checkpoint: {str(err).splitlines()[-1] or err}') from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise ValueError(f'{path} is not a readable PyTorch checkpoint (truncated or another format?): {err}') from err
+                f'so it was refused under torch.load(weights_only=True). '
+                + ('It calls a function of os/sys: that is what a malicious file does; do not trust it unless '
+                   'you made it. ' if blocked else '')
+                + f'Only if you trust its origin, set {TRUST_SWITCH} to load it with weights_only=False. '
+                f'({detail})') from err
+        raise _not_a_checkpoint(path, err) from err
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError) as err:
+        # A text file renamed .pth reaches the weights-only unpickler as opcodes: IndexError 'pop from empty
+        # list', KeyError 101 (a memo index) ... none of which names the file.
+        raise _not_a_checkpoint(path, err) from err
 
 
 def rng_state() -> dict:
@@ -100,7 +142,15 @@ def load_network_weights(net, load_path: str, param_key='params', strict: bool =
             f'{len(missing)} missing key(s) {missing[:4]}, {len(unexpected)} unexpected key(s) {unexpected[:4]}, '
             f'{len(wrong)} of another shape {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:3]]}')
     if not strict:
+        state_all = state
         state = OrderedDict((k, v) for k, v in state.items() if k in own and own[k].shape == v.shape)
+        if missing or unexpected or wrong:  # BasicSR lists these too; a silent partial load hides a wrong file
+            get_root_logger().warning(
+                f'strict_load is false: loaded {len(state)} of {len(own)} tensors of {type(net).__name__} from '
+                f'{load_path}; dropped {len(unexpected)} key(s) the network lacks {unexpected[:8]}, '
+                f'{len(wrong)} of another shape '
+                f'{[(k, tuple(state_all[k].shape), tuple(own[k].shape)) for k in wrong[:8]]}; '
+                f'{len(missing)} network key(s) not in the file keep their initial values {missing[:8]}')
     net.load_state_dict(state, strict=strict)
     get_root_logger().info(f'Loading {type(net).__name__} model from {load_path}, with param key: [{param_key}].')
 
@@ -113,18 +163,54 @@ class CheckpointMixin:
         load_network_weights(self.get_bare_model(net), load_path, param_key, strict,
                              trusted=bool(self.opt['path'].get('trust_checkpoint', False)))
 
+    def check_resumed_optimizers(self, resume_state):
+        """Refuse a state saved by another optimizer type (loaded, it fails at the first step: KeyError 'momentum').
+
+        States record ``optimizer_types``; for older ones, a saved parameter group lacking hyper-parameters of the
+        configured optimizer gives it away (keys that torch fills in itself are not counted).
+        """
+        saved_types = resume_state.get('optimizer_types') or []
+        filled_by_torch = {'foreach', 'maximize', 'capturable', 'differentiable', 'fused', 'decoupled_weight_decay'}
+        where = self.opt['path'].get('resume_state') or 'the training state'
+        for i, (optimizer, saved) in enumerate(zip(self.optimizers, resume_state.get('optimizers') or [])):
+            option = 'train.optim_g.type' if i == 0 else f'the type of optimizer {i}'
+            now = type(optimizer).__name__
+            if i < len(saved_types) and saved_types[i] != now:
+                raise ValueError(f'cannot resume from {where}: {option} is {now} but the state was saved by '
+                                 f'{saved_types[i]}; set {option}: {saved_types[i]} to resume, or start a new run '
+                                 f'(another name, or pretrain_network_g for the weights only)')
+            groups = (saved.get('param_groups') or []) if isinstance(saved, dict) else []
+            lacking = sorted(set(optimizer.defaults) - filled_by_torch - set(groups[0])) if groups else []
+            if lacking:
+                raise ValueError(f'cannot resume from {where}: {option} is {now} but the state was saved by another '
+                                 f'optimizer type (its parameter groups lack {lacking}); set {option} to the type '
+                                 f'of the saved run to resume, or start a new run')
+
     def resume_training(self, resume_state):
         """Optimizers and schedulers (BasicSR), then the random number streams of the saved run."""
+        self.check_resumed_optimizers(resume_state)
         super().resume_training(resume_state)
         if 'rng' in resume_state:
             set_rng_state(resume_state['rng'])
         if 'grad_scaler' in resume_state and self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(resume_state['grad_scaler'])
 
+    def update_learning_rate(self, current_iter, warmup_iter=-1):
+        """BasicSR's, called once per iteration by its training loop: also remember the iteration."""
+        self.last_iter = current_iter
+        return super().update_learning_rate(current_iter, warmup_iter=warmup_iter)
+
     def save(self, epoch, current_iter):
         super().save(epoch, current_iter)
         if self.opt['dist']:
             self.check_ranks_in_sync(current_iter)
+
+    def _iteration_label(self, current_iter) -> str:
+        """BasicSR's final save passes ``current_iter=-1`` (files ``*_latest``): name the real iteration."""
+        if current_iter != -1:
+            return str(current_iter)
+        last = getattr(self, 'last_iter', None)
+        return f'{last} (final save, latest)' if last is not None else 'latest (final save)'
 
     def check_ranks_in_sync(self, current_iter):
         """All ranks must hold bitwise-identical weights (DDP averages gradients); raise if not."""
@@ -135,9 +221,10 @@ class CheckpointMixin:
         dist.all_gather(gathered, sums)
         worst = max(float((g - gathered[0]).abs().max()) for g in gathered)
         if worst != 0.0:
-            raise RuntimeError(f'ranks out of sync at iteration {current_iter}: parameter checksums differ by {worst}')
-        get_root_logger().info(f'Ranks in sync at iteration {current_iter}: identical parameter checksums on '
-                               f'{len(gathered)} ranks.')
+            raise RuntimeError(f'ranks out of sync at iteration {self._iteration_label(current_iter)}: parameter '
+                               f'checksums differ by {worst}')
+        get_root_logger().info(f'Ranks in sync at iteration {self._iteration_label(current_iter)}: identical '
+                               f'parameter checksums on {len(gathered)} ranks.')
 
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
@@ -158,7 +245,8 @@ class CheckpointMixin:
         if current_iter == -1:
             return
         state = {'epoch': epoch, 'iter': current_iter, 'optimizers': [o.state_dict() for o in self.optimizers],
-                 'schedulers': [s.state_dict() for s in self.schedulers], 'rng': rng_state()}
+                 'schedulers': [s.state_dict() for s in self.schedulers], 'rng': rng_state(),
+                 'optimizer_types': [type(o).__name__ for o in self.optimizers]}
         if self.grad_scaler is not None:  # the loss scale found so far (else a resume restarts at 2^16)
             state['grad_scaler'] = self.grad_scaler.state_dict()
         atomic_torch_save(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
