@@ -43,6 +43,7 @@ import torch
 from yoda_plugin.attention import build_attention_source
 from yoda_plugin.attention.dino import OFFICIAL_WEIGHTS, resnet50_backbone, vit_small_patch8
 from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter, encode_attention, make_attention_meta
+from yoda_plugin.utils.progress import Progress
 
 DETERMINISTIC = ('gaussian', 'edge', 'sift')
 DINO = ('dino_vits8', 'dino_resnet50')
@@ -155,20 +156,24 @@ def bench_source(source, device, image_lmdb: str, keys: list, out_path: str, bat
         env.close()
 
 
+TABLE_HEADER = ['| source | runs on | maps/s | decode % | compute % | write % | compute-only maps/s | 120k maps |',
+                '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+
+
+def format_row(name: str, where: str, t: dict, count: int) -> str:
+    total = sum(t.values())
+    rate = count / total
+    seconds_120k = PAPER_MAPS / rate
+    eta = f'{seconds_120k:.0f} s' if seconds_120k < 120 else f'{seconds_120k / 60:.1f} min'
+    if seconds_120k >= 7200:
+        eta = f'{seconds_120k / 3600:.1f} h'
+    return (f'| {name} | {where} | {rate:,.1f} | {100 * t["decode"] / total:.1f} | '
+            f'{100 * t["compute"] / total:.1f} | {100 * t["write"] / total:.1f} | '
+            f'{count / t["compute"]:,.1f} | {eta} |')
+
+
 def format_table(rows, count: int) -> str:
-    lines = ['| source | runs on | maps/s | decode % | compute % | write % | compute-only maps/s | 120k maps |',
-             '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
-    for name, where, t in rows:
-        total = sum(t.values())
-        rate = count / total
-        seconds_120k = PAPER_MAPS / rate
-        eta = f'{seconds_120k:.0f} s' if seconds_120k < 120 else f'{seconds_120k / 60:.1f} min'
-        if seconds_120k >= 7200:
-            eta = f'{seconds_120k / 3600:.1f} h'
-        lines.append(f'| {name} | {where} | {rate:,.1f} | {100 * t["decode"] / total:.1f} | '
-                     f'{100 * t["compute"] / total:.1f} | {100 * t["write"] / total:.1f} | '
-                     f'{count / t["compute"]:,.1f} | {eta} |')
-    return '\n'.join(lines)
+    return '\n'.join(TABLE_HEADER + [format_row(name, where, t, count) for name, where, t in rows])
 
 
 def device_description(device: torch.device) -> str:
@@ -214,7 +219,10 @@ def main(argv=None) -> int:
             f'one per {args.commit_every} maps'
         print(f'{args.count} LR images of {args.size}x{args.size} ({origin}), batch size {args.batch_size}, '
               f'LMDB transactions: {commits}; LMDBs in {tmp}')
-        rows = []
+        print()
+        print('\n'.join(TABLE_HEADER), flush=True)
+        progress = Progress('attention maps, one source at a time', len(sources), unit='sources',
+                            prefix='attention')
         for name in sources:
             if name in DINO:
                 source = build_attention_source(name, weights=weights[name], device=str(device))
@@ -224,10 +232,9 @@ def main(argv=None) -> int:
                 where = 'cpu'
             times = bench_source(source, device, os.path.join(tmp, 'lr.lmdb'), keys,
                                  os.path.join(tmp, f'{name}.lmdb'), args.batch_size, args.commit_every)
-            rows.append((name, where, times))
-            print(f'  {name}: {args.count / sum(times.values()):,.1f} maps/s', flush=True)
-        print()
-        print(format_table(rows, args.count))
+            print(format_row(name, where, times, args.count), flush=True)  # the row as soon as it is measured
+            progress.update(detail=f'{name}: {args.count} maps, {args.count / sum(times.values()):,.1f} maps/s')
+        progress.done()
         print()
         if any(s in DINO for s in sources):
             print('DINO rows use randomly initialised networks in the official key layout (pretrained weights '

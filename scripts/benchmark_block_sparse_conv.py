@@ -22,6 +22,13 @@ import time
 import torch
 import torch.nn.functional as F
 
+try:
+    from yoda_plugin.utils.progress import Progress
+except ImportError:  # run from a checkout without installing the package
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from yoda_plugin.utils.progress import Progress
+
 CHANNEL_MULTS = (1, 2, 4, 8, 8)  # the paper's SR3 UNet, base 64 channels
 
 
@@ -64,10 +71,16 @@ def main(argv=None):
           f'{args.active:.0%} of blocks active (random), CPU ({torch.get_num_threads()} threads)')
     print('| block at full res | ' + ' | '.join(f'level {k} ({64 * m} ch, {args.size >> k} px)'
                                              for k, m in enumerate(CHANNEL_MULTS)) + ' | UNet estimate | active |')
-    print('| --- ' * (len(CHANNEL_MULTS) + 3) + '|')
+    print('| --- ' * (len(CHANNEL_MULTS) + 3) + '|', flush=True)
     for block0 in args.block:
         if args.size % block0:
             p.error(f'--size {args.size} is not a multiple of --block {block0}')
+    # Level k has (HR / 2^k)^2 pixels and 64 * mult channels: weigh the estimate of the time left by its FLOPs.
+    weights = [(args.size >> k) ** 2 * (64 * m) ** 2 for k, m in enumerate(CHANNEL_MULTS)]
+    progress = Progress(f'{len(args.block)} block sizes x {len(CHANNEL_MULTS)} UNet levels, dense and block-sparse '
+                        f'({args.repeats} repeats each)', len(args.block) * len(CHANNEL_MULTS), unit='levels',
+                        prefix='block-sparse', weights=weights * len(args.block))
+    for block0 in args.block:
         grid = args.size // block0  # the same block grid at every level (blocks halve with the resolution)
         active = torch.rand(grid, grid, generator=g) < args.active
         active.view(-1)[0] = True  # at least one block
@@ -81,6 +94,7 @@ def main(argv=None):
             if block < 1:  # smaller than a pixel: this level stays dense
                 cells.append('dense')
                 dense_total, sparse_total = dense_total + dense, sparse_total + dense
+                progress.update(detail=f'block {block0} px, level {level}: dense only')
                 continue
             sparse = median_time(lambda: block_sparse_conv3x3(x, weight, blocks, block), args.repeats)
             # Exactness: on the active blocks the gathered convolution is the dense one.
@@ -91,7 +105,10 @@ def main(argv=None):
             best = min(sparse, dense)  # a real implementation would keep a level dense when that is cheaper
             cells.append(f'{sparse / dense:.2f} (halo {(block + 2) ** 2 / block ** 2:.2f}x)')
             dense_total, sparse_total = dense_total + dense, sparse_total + best
-        print(f'| {block0} | ' + ' | '.join(cells) + f' | {sparse_total / dense_total:.3f} | {share:.3f} |')
+            progress.update(detail=f'block {block0} px, level {level}: {sparse / dense:.2f} of dense')
+        print(f'| {block0} | ' + ' | '.join(cells) + f' | {sparse_total / dense_total:.3f} | {share:.3f} |',
+              flush=True)
+    progress.done()
     print('UNet estimate: sum over levels of min(block-sparse, dense) time / sum of dense time (3x3 convolutions '
           'only; GroupNorm and attention come on top); active: the share of active blocks, the limit a free '
           'sparse convolution would reach.')

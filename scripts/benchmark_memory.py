@@ -17,7 +17,8 @@ batch size, for batch 1, 2, 4, ... up to the option file's
 A batch whose memory, extrapolated linearly from the last two batches, would
 exceed ``--limit-gb`` is not run (this machine must not swap); the table then
 gives the largest batch that fits and the extrapolated value at the paper's
-batch size, marked as such. Prints one Markdown table.
+batch size, marked as such. Prints one Markdown table, each row as soon as its
+scenario is measured, and a progress line per child process on stderr.
 """
 import argparse
 import json
@@ -108,6 +109,22 @@ def batches_up_to(n: int) -> list:
     return out + [n]
 
 
+def print_row(row: dict):
+    m = row['measured']
+    one = f'{m[1]["peak_gib"]:.2f}' if 1 in m else '-'
+    bs = sorted(m)
+    slope = (f'{(m[bs[-1]]["peak_gib"] - m[bs[0]]["peak_gib"]) / (bs[-1] - bs[0]):.2f}' if len(bs) >= 2 else '-')
+    if row['paper_batch'] in m:
+        at_paper = f'{m[row["paper_batch"]]["peak_gib"]:.2f}'
+    elif 'extrapolated' in row:
+        at_paper = f'{row["extrapolated"]:.1f} (extrapolated; largest run: {row["fits"]})'
+    else:
+        at_paper = '-'
+    step = f'{m[bs[-1]]["step_s"]:.1f} (batch {bs[-1]})' if bs else '-'
+    print(f'| {row["scenario"]} | {row["size"]} | {row["paper_batch"]} | {"on" if row["checkpoint"] else "off"} | '
+          f'{one} | {slope} | {at_paper} | {step} | {row["note"]} |', flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--options', nargs='+', default=DEFAULT_OPTIONS, help='training option files (SR3 networks)')
@@ -123,14 +140,30 @@ def main(argv=None):
         print(json.dumps(child(args)))
         return 0
 
-    rows = []
-    for path in args.options:
-        sc = scenario(path)
+    import torch
+    sys.path.insert(0, REPO)
+    from yoda_plugin.utils.progress import Progress
+    where = torch.cuda.get_device_name(0) if args.device == 'cuda' else f'CPU, {os.cpu_count()} cores'
+    kind = 'torch.cuda.max_memory_allocated' if args.device == 'cuda' else 'peak RSS above the imports'
+    scenarios = [scenario(path) for path in args.options]
+    print(f'[memory] plan: {len(scenarios)} scenarios x gradient checkpointing off/on, one child process per batch '
+          f'(' + '; '.join(f'{sc["name"]}: batches {batches_up_to(sc["batch"])}' for sc in scenarios) +
+          f'), batches expected above --limit-gb {args.limit_gb:g} skipped', file=sys.stderr, flush=True)
+    print(f'\nSR3+YODA training step memory ({kind}), {where}, torch {torch.__version__}')
+    print('| scenario | HR size | paper batch | grad. checkpointing | peak at batch 1, GiB | per extra sample, GiB | '
+          'peak at paper batch, GiB | s/step at largest batch run | note |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |', flush=True)
+    for sc in scenarios:
         for checkpoint in (False, True):
             done = []  # (batch, peak)
             row = {'scenario': sc['name'], 'size': sc['net']['image_size'], 'paper_batch': sc['batch'],
                    'checkpoint': checkpoint, 'fits': 0, 'measured': {}, 'note': ''}
-            for b in batches_up_to(sc['batch']):
+            batches = batches_up_to(sc['batch'])
+            # A child's time grows with its batch: estimate the time left in samples (plus one for start-up).
+            progress = Progress(f'{sc["name"]} ({sc["net"]["image_size"]} px), gradient checkpointing '
+                                f'{"on" if checkpoint else "off"}', len(batches), unit='batches', prefix='memory',
+                                weights=[b + 1 for b in batches])
+            for b in batches:
                 if len(done) >= 2:
                     (b0, m0), (b1, m1) = done[-2:]
                     expected = m1 + (m1 - m0) / (b1 - b0) * (b - b1)
@@ -144,34 +177,12 @@ def main(argv=None):
                 done.append((b, r['peak_gib']))
                 row['measured'][b] = r
                 row['fits'] = b
-                print(f'  {sc["name"]} checkpoint={checkpoint} batch {b}: {r["peak_gib"]:.2f} GiB, '
-                      f'{r["step_s"]:.1f} s', file=sys.stderr, flush=True)
+                progress.update(detail=f'batch {b}: {r["peak_gib"]:.2f} GiB, {r["step_s"]:.1f} s/step')
+            progress.done(row['note'])
             if row['fits'] < sc['batch'] and len(done) >= 2:
                 (b0, m0), (b1, m1) = done[-2:]
                 row['extrapolated'] = m1 + (m1 - m0) / (b1 - b0) * (sc['batch'] - b1)
-            rows.append(row)
-
-    import torch
-    where = torch.cuda.get_device_name(0) if args.device == 'cuda' else f'CPU, {os.cpu_count()} cores'
-    kind = 'torch.cuda.max_memory_allocated' if args.device == 'cuda' else 'peak RSS above the imports'
-    print(f'\nSR3+YODA training step memory ({kind}), {where}, torch {torch.__version__}')
-    print('| scenario | HR size | paper batch | grad. checkpointing | peak at batch 1, GiB | per extra sample, GiB | '
-          'peak at paper batch, GiB | s/step at largest batch run | note |')
-    print('| --- | --- | --- | --- | --- | --- | --- | --- | --- |')
-    for row in rows:
-        m = row['measured']
-        one = f'{m[1]["peak_gib"]:.2f}' if 1 in m else '-'
-        bs = sorted(m)
-        slope = (f'{(m[bs[-1]]["peak_gib"] - m[bs[0]]["peak_gib"]) / (bs[-1] - bs[0]):.2f}' if len(bs) >= 2 else '-')
-        if row['paper_batch'] in m:
-            at_paper = f'{m[row["paper_batch"]]["peak_gib"]:.2f}'
-        elif 'extrapolated' in row:
-            at_paper = f'{row["extrapolated"]:.1f} (extrapolated; largest run: {row["fits"]})'
-        else:
-            at_paper = '-'
-        step = f'{m[bs[-1]]["step_s"]:.1f} (batch {bs[-1]})' if bs else '-'
-        print(f'| {row["scenario"]} | {row["size"]} | {row["paper_batch"]} | {"on" if row["checkpoint"] else "off"} | '
-              f'{one} | {slope} | {at_paper} | {step} | {row["note"]} |')
+            print_row(row)
     return 0
 
 

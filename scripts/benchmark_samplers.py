@@ -83,6 +83,9 @@ def main(argv=None) -> int:
           f'printed when measured', flush=True)
     print(' | '.join(f'{h:>12}' for h in header), flush=True)
     rows, total = [], len(modes) * len(args.runs)
+    from yoda_plugin.utils.progress import Progress
+    progress = Progress(f'{total} runs (modes x samplers) x {n} images', total * n, unit='images', prefix='samplers',
+                        weights=[steps for _ in modes for _, steps, _ in args.runs for _ in range(n)])
     for m_index, (mode, sparse) in enumerate(modes):
         ref_imgs, ref_sec = None, None
         for r_index, (kind, steps, eta) in enumerate(args.runs):
@@ -103,6 +106,7 @@ def main(argv=None) -> int:
                 stats = resolver.last_info['sparse_stats']
                 if stats:
                     sparse_px.append(stats['pixels'] / max(1, stats['dense_pixels']))
+                progress.update(detail=f'{mode} {kind}:{steps}, image {i + 1}/{n}')
             psnr = float(np.mean([calculate_psnr(o, h, scale) for o, h in zip(outs, hrs)]))
             ssim = float(np.mean([calculate_ssim(o, h, scale) for o, h in zip(outs, hrs)]))
             if ref_imgs is None:
@@ -119,6 +123,7 @@ def main(argv=None) -> int:
             cells = [f'{v:>12.4f}' if isinstance(v, float) and not math.isinf(v) else f'{v!s:>12}'
                      for v in row.values()]
             print(' | '.join(cells) + f'   [{done}/{total}]', flush=True)
+    progress.done()
     if args.csv:
         with open(args.csv, 'w', newline='', encoding='utf-8') as f:
             writer = csv.DictWriter(f, fieldnames=header)

@@ -60,43 +60,47 @@ def main(argv=None):
     for name in names:
         resolvers[name] = common.build_resolver(args.opt, args.checkpoint, args.param_key, args.device,
                                                 args.sample_steps, sparse=sparse_opts[name])
+    from yoda_plugin.utils.progress import Progress
     rows = {name: {'seconds': [], 'pixels': [], 'vs_dense': [], **{m: [] for m in metrics_opt}} for name in names}
     count = len(dataset) if args.num_images is None else min(args.num_images, len(dataset))
-    for idx in range(count):
-        batch = default_collate([dataset[idx]])
-        hr = tensor2img([batch['gt']]) if 'gt' in batch else None
-        dense_img = None
-        for name in names:
+    batches = [default_collate([dataset[idx]]) for idx in range(count)]
+    hrs = [tensor2img([b['gt']]) if 'gt' in b else None for b in batches]
+    metric_cols = list(metrics_opt) if hrs and hrs[0] is not None else []
+    print(f'\nSparse YODA sampling on {args.opt} ({count} images, {resolvers["dense"].pipeline.steps} steps, '
+          f'{args.device}; region_cost {args.region_cost:g}, max_fraction {args.max_fraction:g})')
+    print('| variant | ' + ' | '.join(metric_cols + ['PSNR vs dense, dB', 'pixels evaluated', 's/image',
+                                                      'time / dense']) + ' |')
+    print('| --- ' * (len(metric_cols) + 5) + '|', flush=True)
+    mean = statistics.fmean
+    # One variant at a time (dense first: the reference), so that each row is printed as soon as it is measured.
+    progress = Progress(f'{len(names)} variants x {count} images (dense first)', len(names) * count, unit='images',
+                        prefix='sparse-quality')
+    dense_imgs, dense_s = [], None
+    for name in names:
+        for idx, batch in enumerate(batches):
             start = time.perf_counter()
             out = resolvers[name].sample_prepared(batch['lq'], batch['lq_up'], batch['attention'], args.seed + idx)
             rows[name]['seconds'].append(time.perf_counter() - start)
             img = tensor2img([out.detach().cpu()])
             stats = resolvers[name].last_info['sparse_stats']
             rows[name]['pixels'].append(1.0 if stats is None else stats['pixels'] / max(1, stats['dense_pixels']))
-            if dense_img is None:
-                dense_img = img
-            rows[name]['vs_dense'].append(float(np.mean((img.astype(np.float64) - dense_img) ** 2)))
-            if hr is not None:
+            if name == 'dense':
+                dense_imgs.append(img)
+            rows[name]['vs_dense'].append(float(np.mean((img.astype(np.float64) - dense_imgs[idx]) ** 2)))
+            if hrs[idx] is not None:
                 for metric, mopt in metrics_opt.items():
-                    rows[name][metric].append(float(calculate_metric({'img': img, 'img2': hr}, mopt)))
-        print(f'image {idx + 1}/{count} done', file=sys.stderr, flush=True)
-
-    mean = statistics.fmean
-    dense_s = mean(rows['dense']['seconds'])
-    print(f'\nSparse YODA sampling on {args.opt} ({count} images, {resolvers["dense"].pipeline.steps} steps, '
-          f'{args.device}; region_cost {args.region_cost:g}, max_fraction {args.max_fraction:g})')
-    metric_cols = list(metrics_opt) if hr is not None else []
-    print('| variant | ' + ' | '.join(metric_cols + ['PSNR vs dense, dB', 'pixels evaluated', 's/image',
-                                                      'time / dense']) + ' |')
-    print('| --- ' * (len(metric_cols) + 5) + '|')
-    for name in names:
+                    rows[name][metric].append(float(calculate_metric({'img': img, 'img2': hrs[idx]}, mopt)))
+            progress.update(detail=f'{name}, image {idx + 1}/{count}')
         r = rows[name]
+        if dense_s is None:
+            dense_s = mean(r['seconds'])
         mse = mean(r['vs_dense'])  # pooled over the images: one identical image does not make it inf
         vs = float('inf') if mse == 0 else 10 * math.log10(255.0**2 / mse)
         cells = [f'{mean(r[m]):.4f}' for m in metric_cols]
         cells += ['inf (reference)' if name == 'dense' else ('inf' if vs == float('inf') else f'{vs:.2f}'),
                   f'{mean(r["pixels"]):.3f}', f'{mean(r["seconds"]):.3f}', f'{mean(r["seconds"]) / dense_s:.3f}']
-        print(f'| {name} | ' + ' | '.join(cells) + ' |')
+        print(f'| {name} | ' + ' | '.join(cells) + ' |', flush=True)
+    progress.done()
     return 0
 
 

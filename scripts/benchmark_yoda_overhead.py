@@ -18,6 +18,13 @@ Prints one table:
 * fast paths (``train/val.amp: bf16``, ``channels_last``, with ``--compile``
   also ``torch.compile``): sampling forward and training step / float32;
 * seconds per network forward of the chosen network at the chosen size.
+
+Stages run in this order, each row printed as soon as it is measured: training
+A/B, gradient checkpointing, (``--data-opt``) dataloader, forward, sampling
+(dense and sparse, interleaved), fast paths. ``--quick`` skips gradient
+checkpointing and the fast paths. A progress line per unit of work (stage, how
+far, time elapsed, estimated time left) goes to stderr; the first line is the
+plan: the network passes of each stage.
 """
 import argparse
 import os
@@ -35,6 +42,7 @@ except ImportError:
 from yoda_plugin.archs.sr3_unet_arch import SR3UNet  # noqa: E402
 from yoda_plugin.core import (DDPMSampler, DiffusionSchedule, SparseDenoiser, YODAConfig, YODAMask,  # noqa: E402
                               make_beta_schedule, masked_noise_loss, pixel_update_ratio, sample, training_inputs)
+from yoda_plugin.utils.progress import Progress  # noqa: E402
 
 NETS = {
     'paper': dict(base_channels=64, channel_mults=(1, 2, 4, 8, 8), num_res_blocks=3, attn_resolutions=(16, ),
@@ -49,8 +57,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def fast_paths(net, hr, cond, att, schedule, yoda, device, with_compile, repeats):
-    """{variant: (sampling forward s, training step s)}: float32, bf16 / fp16 autocast, channels_last (+ compile)."""
+def fast_paths(net, hr, cond, att, schedule, yoda, device, with_compile, repeats, row=None):
+    """{variant: (sampling forward s, training step s)}: float32, bf16 / fp16 autocast, channels_last (+ compile).
+
+    ``row(name, forward, step, float32)`` is called for each variant as soon as its last repetition is timed
+    (the last round runs float32 first); unavailable variants get ``(name, None, reason, None)``."""
     import copy
     variants = {'float32': (False, None, False), 'bf16 autocast': (False, torch.bfloat16, False),
                 'channels_last': (True, None, False), 'channels_last + bf16': (True, torch.bfloat16, False)}
@@ -94,23 +105,36 @@ def fast_paths(net, hr, cond, att, schedule, yoda, device, with_compile, repeats
             opt.step()
 
     times = {name: ([], []) for name in variants}
+    progress = Progress(f'fast paths, {len(variants)} variants (warm-up, then {repeats} interleaved rounds)',
+                        len(variants) * (1 + repeats), unit='x (1 forward + 1 training step)', prefix='overhead')
     for name in variants:  # warm-up (and compilation)
         try:
             run(name, False)
             run(name, True)
         except Exception as err:  # e.g. no C++ compiler for inductor: report instead of failing the table
             results[name] = (None, f'unavailable: {type(err).__name__}: {str(err).splitlines()[0][:80]}')
+        progress.update(detail=f'{name} warm-up')
     live = [n for n in variants if n not in results]
+    progress.total = len(variants) + len(live) * repeats
     for i in range(repeats):
-        for name in (live if i % 2 == 0 else live[::-1]):
+        last = i == repeats - 1
+        for name in (live if i % 2 == 0 or last else live[::-1]):
             for j, train in enumerate((False, True)):
                 sync(device)
                 t = time.perf_counter()
                 run(name, train)
                 sync(device)
                 times[name][j].append(time.perf_counter() - t)
-    for name in live:
-        results[name] = (statistics.median(times[name][0]), statistics.median(times[name][1]))
+            progress.update(detail=name)
+            if last:
+                results[name] = (statistics.median(times[name][0]), statistics.median(times[name][1]))
+                if row is not None:
+                    row(name, *results[name], results.get('float32', results[name]))
+    progress.done()
+    if row is not None:
+        for name in variants:
+            if name not in live:
+                row(name, None, results[name][1], None)
     return {name: results[name] for name in variants}
 
 
@@ -146,7 +170,11 @@ def coverage_table(args):
           f'any method evaluates that gives each active pixel M px of context at {multiple}-px blocks')
     columns = list(args.sparse) + [f'bound:{m}' for m in margins]
     print('| HR size | YODA share | ' + ' | '.join(columns) + ' |')
-    print('| --- ' * (len(columns) + 2) + '|')
+    print('| --- ' * (len(columns) + 2) + '|', flush=True)
+    # Per-step overhead dominates the mask work (measured: a 512 px cell is no slower than a 128 px one): count cells.
+    progress = Progress(f'coverage, {len(args.coverage)} sizes x {len(args.sparse)} variants + {len(margins)} bounds '
+                        f'({args.sample_steps} steps each)', len(args.coverage) * len(columns), unit='cells',
+                        prefix='overhead')
     for size in args.coverage:
         att = gaussian_attention(size, 1, torch.device('cpu'))
         share = float(pixel_update_ratio(att, args.lower_bound, schedule.timesteps, 500).mean())
@@ -161,10 +189,13 @@ def coverage_table(args):
             sample(fn, sampler, x, torch.Generator().manual_seed(0))
             evaluated = fn.stats['pixels'] / fn.stats['dense_pixels']
             cells.append(f'{evaluated:.3f} ({evaluated / share:.2f})')
+            progress.update(detail=f'{size} px, {spec}')
         for margin in margins:
             bound = context_bound(att, args.lower_bound, schedule.timesteps, 500, margin, multiple)
             cells.append(f'{bound:.3f} ({bound / share:.2f})')
-        print(f'| {size} | {share:.3f} | ' + ' | '.join(cells) + ' |')
+            progress.update(detail=f'{size} px, bound:{margin}')
+        print(f'| {size} | {share:.3f} | ' + ' | '.join(cells) + ' |', flush=True)
+    progress.done()
     return 0
 
 
@@ -182,6 +213,9 @@ def main(argv=None):
     p.add_argument('--sparse', nargs='+', default=['bbox:16', 'regions:16', 'regions:0'],
                    help='sparse sampling variants MODE:MARGIN (modes: bbox, regions)')
     p.add_argument('--region-cost', type=float, default=1024, help='val.sparse.region_cost of the regions mode')
+    p.add_argument('--quick', action='store_true',
+                   help='skip the gradient checkpointing and fast-path stages (more than half the time of a paper-UNet '
+                        'run with few sampling steps): the overhead rows and the sparse table only')
     p.add_argument('--compile', action='store_true', help='also time torch.compile (compiles first: minutes)')
     p.add_argument('--coverage', type=int, nargs='+', metavar='SIZE',
                    help='only print the share of network pixels each --sparse variant evaluates for Gaussian maps '
@@ -207,6 +241,32 @@ def main(argv=None):
     cond = torch.nn.functional.avg_pool2d(hr, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
     att = gaussian_attention(args.size, args.batch, device)
     yoda, vanilla = YODAConfig(lower_bound=args.lower_bound), YODAConfig(enabled=False)
+    multiple = 2**(len(NETS[args.net]['channel_mults']) - 1)
+    variants = {'vanilla': 'dense', 'yoda': 'dense'}
+    for spec in args.sparse:
+        mode, _, margin = spec.partition(':')
+        variants[f'sparse {spec}'] = (mode, int(margin or 0))
+    ckpt_rounds, fast_repeats = max(2, args.repeats // 2), max(3, args.repeats // 2)
+    n_fast = 4 + 2 * (device.type == 'cuda') + bool(args.compile)
+    if args.quick:
+        ckpt_rounds = n_fast = 0
+
+    params = sum(p.numel() for p in net.parameters()) / 1e6
+    # What each stage costs in passes of the network (the progress lines below count them as they go).
+    stages = [f'training A/B {2 + 2 * args.repeats} steps']
+    if not args.quick:
+        stages.append(f'gradient checkpointing {2 * ckpt_rounds} steps')
+    stages += ['network forward 5 at batch 1', f'sampling 3 x {len(variants)} variants x {args.sample_steps} steps = '
+               f'{3 * len(variants) * args.sample_steps} network calls']
+    if not args.quick:
+        stages.append(f'fast paths {n_fast} variants x {1 + fast_repeats} x (1 forward + 1 step)')
+    print(f'[overhead] plan ({args.net} UNet {params:.1f}M params, {args.size}px, batch {args.batch}): ' +
+          '; '.join(stages) + ('; --quick: no gradient checkpointing or fast-path stages' if args.quick else ''),
+          file=sys.stderr, flush=True)
+    print(f'\nYODA overhead benchmark: {args.net} SR3 UNet ({params:.1f}M params), {args.size}x{args.size}, '
+          f'batch {args.batch}, {device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}')
+    print('| measurement | vanilla | YODA | YODA / vanilla |')
+    print('| --- | --- | --- | --- |', flush=True)
 
     def train_step(cfg):
         opt.zero_grad(set_to_none=True)
@@ -216,8 +276,11 @@ def main(argv=None):
         loss.backward()
         opt.step()
 
+    progress = Progress('training step, vanilla / YODA (2 warm-up, then A/B pairs)', 2 + 2 * args.repeats,
+                        prefix='overhead')
     for cfg in (vanilla, yoda):  # warm-up both paths
         train_step(cfg)
+        progress.update()
     times = {'vanilla': [], 'yoda': []}
     for i in range(args.repeats):
         order = (('vanilla', vanilla), ('yoda', yoda)) if i % 2 == 0 else (('yoda', yoda), ('vanilla', vanilla))
@@ -227,9 +290,72 @@ def main(argv=None):
             train_step(cfg)
             sync(device)
             times[name].append(time.perf_counter() - t)
+            progress.update()
+    progress.done()
     train_v, train_y = statistics.median(times['vanilla']), statistics.median(times['yoda'])
+    print(f'| training step, s (median of {args.repeats}) | {train_v:.4f} | {train_y:.4f} | {train_y / train_v:.3f} |',
+          flush=True)
+
+    # Gradient checkpointing: the same training step with every block recomputed in backward.
+    def set_checkpoint(on):
+        net.use_checkpoint = on
+        for m in net.modules():
+            if hasattr(m, 'use_checkpoint'):
+                m.use_checkpoint = on
+
+    ckpt_times = {'plain': [], 'checkpoint': []}
+    net.train()
+    progress = None if args.quick else Progress('gradient checkpointing / plain training step', 2 * ckpt_rounds,
+                                                prefix='overhead')
+    for i in range(ckpt_rounds):  # none with --quick
+        for name in (('plain', 'checkpoint') if i % 2 == 0 else ('checkpoint', 'plain')):
+            set_checkpoint(name == 'checkpoint')
+            sync(device)
+            t = time.perf_counter()
+            train_step(yoda)
+            sync(device)
+            ckpt_times[name].append(time.perf_counter() - t)
+            progress.update(detail=name)
+    set_checkpoint(False)  # the stages below time the plain network
+    if not args.quick:
+        progress.done()
+        ckpt_ratio = statistics.median(ckpt_times['checkpoint'][1:]) / statistics.median(ckpt_times['plain'][1:])
+        print(f'| gradient checkpointing training step / plain (median of {len(ckpt_times["plain"]) - 1}) | | | '
+              f'{ckpt_ratio:.3f} |', flush=True)
+
+    if args.data_opt:
+        from basicsr.data import build_dataset
+
+        from yoda_plugin.utils.options import load_options
+        data_opt = load_options(args.data_opt)
+        ds_opt = dict(data_opt['datasets']['train'], phase='train', scale=data_opt['scale'])
+        dataset = build_dataset(ds_opt)
+        n = min(len(dataset) * 4, 256)
+        dataset[0]
+        progress = Progress(f'dataloader ({args.data_opt})', n, unit='samples', prefix='overhead')
+        t = time.perf_counter()
+        for i in range(n):
+            dataset[i % len(dataset)]
+            if (i + 1) % 64 == 0 or i + 1 == n:
+                progress.update(64 if (i + 1) % 64 == 0 else n % 64)
+        data_rate = n / (time.perf_counter() - t)
+        progress.done()
+        need = args.batch / train_y
+        print(f'| dataloader samples/s, one process ({args.data_opt}) | | {data_rate:.1f} | '
+              f'{data_rate / need:.1f}x the {need:.1f} samples/s training consumes |', flush=True)
 
     net.eval()
+    with torch.no_grad():
+        progress = Progress('network forward, batch 1', 5, unit='forwards', prefix='overhead')
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(5):
+            net(hr[:1], cond[:1], torch.full((1, ), 0.5, device=device))
+            progress.update()
+        sync(device)
+        forward = (time.perf_counter() - t) / 5
+        progress.done()
+    print(f'| network forward, batch 1, s | {forward:.4f} | | |', flush=True)
 
     def denoise(z_in, k, mask=None):
         return net(z_in, cond, sample_schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
@@ -238,19 +364,17 @@ def main(argv=None):
         c = cond if box is None else cond[..., box[0]:box[1], box[2]:box[3]]
         return net(z_in, c, sample_schedule.gather('sqrt_alphas_cumprod', k, z_in).view(-1))
 
-    multiple = 2**(len(NETS[args.net]['channel_mults']) - 1)
-    variants = {'vanilla': (denoise, vanilla, None), 'yoda': (denoise, yoda, None)}
-    for spec in args.sparse:
-        mode, _, margin = spec.partition(':')
-        variants[f'sparse {spec}'] = (None, yoda, (mode, int(margin or 0)))
     sample_times = {name: [] for name in variants}
     outputs, sparse_stats = {}, {}
+    progress = Progress(f'sampling, {len(variants)} variants x 3 rounds (interleaved)', 3 * len(variants),
+                        unit=f'runs of {args.sample_steps} steps', prefix='overhead')
     with torch.no_grad():
         for i in range(3):
             order = list(variants) if i % 2 == 0 else list(variants)[::-1]
             for name in order:
-                fn, cfg, sparse = variants[name]
-                if sparse:
+                sparse = variants[name]
+                fn, cfg = (denoise, vanilla if name == 'vanilla' else yoda)
+                if sparse != 'dense':
                     fn = SparseDenoiser(net_fn, sparse[1], multiple, 0.9, sparse[0], region_cost=args.region_cost)
                 sync(device)
                 t = time.perf_counter()
@@ -258,14 +382,10 @@ def main(argv=None):
                                        torch.Generator(device).manual_seed(0))
                 sync(device)
                 sample_times[name].append(time.perf_counter() - t)
-                if sparse:
+                if sparse != 'dense':
                     sparse_stats[name] = fn.stats
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(5):
-            net(hr[:1], cond[:1], torch.full((1, ), 0.5, device=device))
-        sync(device)
-        forward = (time.perf_counter() - t) / 5
+                progress.update(detail=f'{name} {sample_times[name][-1]:.2f} s')
+    progress.done()
     sample_med = {name: statistics.median(v) for name, v in sample_times.items()}
     samp_v, samp_y = sample_med['vanilla'], sample_med['yoda']
 
@@ -274,59 +394,12 @@ def main(argv=None):
         return float('inf') if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
 
     share = float(pixel_update_ratio(att, args.lower_bound, sample_schedule.timesteps, 500).mean())
-
-    # Gradient checkpointing: the same training step with every block recomputed in backward.
-    ckpt_times = {'plain': [], 'checkpoint': []}
-    net.train()
-    for i in range(max(2, args.repeats // 2)):
-        for name in (('plain', 'checkpoint') if i % 2 == 0 else ('checkpoint', 'plain')):
-            net.use_checkpoint = name == 'checkpoint'
-            for m in net.modules():
-                if hasattr(m, 'use_checkpoint'):
-                    m.use_checkpoint = net.use_checkpoint
-            sync(device)
-            t = time.perf_counter()
-            train_step(yoda)
-            sync(device)
-            ckpt_times[name].append(time.perf_counter() - t)
-    ckpt_ratio = statistics.median(ckpt_times['checkpoint'][1:]) / statistics.median(ckpt_times['plain'][1:])
-
-    fast = fast_paths(net, hr, cond, att, schedule, yoda, device, args.compile, max(3, args.repeats // 2))
-
-    data_rate = None
-    if args.data_opt:
-        from basicsr.data import build_dataset
-
-        from yoda_plugin.utils.options import load_options
-        opt = load_options(args.data_opt)
-        ds_opt = dict(opt['datasets']['train'], phase='train', scale=opt['scale'])
-        dataset = build_dataset(ds_opt)
-        n = min(len(dataset) * 4, 256)
-        dataset[0]
-        t = time.perf_counter()
-        for i in range(n):
-            dataset[i % len(dataset)]
-        data_rate = n / (time.perf_counter() - t)
-
-    params = sum(p.numel() for p in net.parameters()) / 1e6
-    print(f'\nYODA overhead benchmark: {args.net} SR3 UNet ({params:.1f}M params), {args.size}x{args.size}, '
-          f'batch {args.batch}, {device.type} ({torch.get_num_threads()} threads), torch {torch.__version__}')
-    print('| measurement | vanilla | YODA | YODA / vanilla |')
-    print('| --- | --- | --- | --- |')
-    print(f'| training step, s (median of {args.repeats}) | {train_v:.4f} | {train_y:.4f} | {train_y / train_v:.3f} |')
     print(f'| dense sampling, {args.sample_steps} steps, s (median of 3) | {samp_v:.3f} | {samp_y:.3f} | '
           f'{samp_y / samp_v:.3f} |')
     per_image = args.full_steps / args.sample_steps / args.batch
     print(f'| full sampling, {args.full_steps} steps, s per image (from the {args.sample_steps}-step time) | '
           f'{samp_v * per_image:.2f} | {samp_y * per_image:.2f} | {samp_y / samp_v:.3f} |')
     print(f'| pixel updates (share of full diffusion), l={args.lower_bound} | 1.000 | {share:.3f} | {share:.3f} |')
-    print(f'| network forward, batch 1, s | {forward:.4f} | | |')
-    print(f'| gradient checkpointing training step / plain (median of {len(ckpt_times["plain"]) - 1}) | | | '
-          f'{ckpt_ratio:.3f} |')
-    if data_rate is not None:
-        need = args.batch / train_y
-        print(f'| dataloader samples/s, one process ({args.data_opt}) | | {data_rate:.1f} | '
-              f'{data_rate / need:.1f}x the {need:.1f} samples/s training consumes |')
     print(f'\nSparse YODA sampling, {args.sample_steps} steps; dense YODA {samp_y:.3f} s; YODA\'s share of pixel '
           f'updates {share:.3f} (the physical limit; target: sparse/dense <= {1.1 * share:.3f}); '
           f'region_cost {args.region_cost:g} px{"; random weights" if not args.checkpoint else ""}')
@@ -342,18 +415,23 @@ def main(argv=None):
         crops = (st['crops'] + st['calls'] - st['cropped_calls']) / max(1, st['calls'])
         print(f'| {name[7:]} | {sample_med[name]:.3f} | {ratio:.3f} | {evaluated:.3f} | {crops:.2f} | '
               f'{ratio / share:.3f} | {psnr(outputs[name], outputs["yoda"]):.2f} |')
-    print(f'\nFast paths ({device.type}, batch {args.batch}, medians of {max(3, args.repeats // 2)}; options '
+    sys.stdout.flush()
+    if args.quick:
+        return 0
+
+    print(f'\nFast paths ({device.type}, batch {args.batch}, medians of {fast_repeats}; options '
           f'train/val.amp, train/val.channels_last, train/val.compile)')
     print('| variant | sampling forward, s | / float32 | training step, s | / float32 |')
-    print('| --- | --- | --- | --- | --- |')
-    base = fast['float32']
-    for name, (fwd, step) in fast.items():
-        if fwd is None:
-            print(f'| {name} | {step} | | | |')
-            continue
-        print(f'| {name} | {fwd:.4f} | {fwd / base[0]:.3f} | {step:.4f} | {step / base[1]:.3f} |')
-    return 0
+    print('| --- | --- | --- | --- | --- |', flush=True)
 
+    def fast_row(name, fwd, step, base):
+        if fwd is None:
+            print(f'| {name} | {step} | | | |', flush=True)
+        else:
+            print(f'| {name} | {fwd:.4f} | {fwd / base[0]:.3f} | {step:.4f} | {step / base[1]:.3f} |', flush=True)
+
+    fast_paths(net, hr, cond, att, schedule, yoda, device, args.compile, fast_repeats, row=fast_row)
+    return 0
 
 if __name__ == '__main__':
     sys.exit(main())

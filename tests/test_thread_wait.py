@@ -11,5 +11,5 @@ def test_thread_wait_benchmark_prints_its_table(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith('| quiet') or line.startswith('| one')]
-    assert len(rows) == 4 and all(row.rstrip().endswith('| yes |') for row in rows), proc.stdout
+    assert len(rows) == 6 and all(row.rstrip().endswith('| yes |') for row in rows), proc.stdout
     assert 'run 1/1' in proc.stderr  # progress per run
