@@ -27,8 +27,3 @@ else
   echo "[setup] reusing $VENV"
 fi
 export PATH="$VENV/bin:$PATH"
-# OpenMP threads that sleep instead of spinning while they wait: next to other busy processes the default
-# (spin, then sleep) made demo-sized sampling 1.7x (one neighbour) to ~15x (two) slower on this 2-core
-# machine, for 12% on a quiet one; results are identical (scripts/benchmark_thread_wait.py, README
-# Performance). Set OMP_WAIT_POLICY yourself to override.
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"

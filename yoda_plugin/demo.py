@@ -189,10 +189,6 @@ def pin_threads(threads: int):
     import torch
     for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
         os.environ[name] = str(threads)
-    # Waiting threads sleep rather than spin: a busy neighbour process otherwise slows every step several times
-    # over, for 12% on a quiet machine (README, Performance). Results do not depend on it; the started steps
-    # read it.
-    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     torch.set_num_threads(threads)
 
 
