@@ -45,6 +45,16 @@ def build_tiny_dataset(root, n_train=6, n_val=2, size=32, seed=0):
     return root
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and robust on a shared, busy CPU."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope='session')
 def tiny_data(tmp_path_factory):
     return build_tiny_dataset(str(tmp_path_factory.mktemp('tiny_data')))

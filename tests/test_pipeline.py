@@ -16,12 +16,7 @@ SRDIFF_NET = dict(scale=4, rrdb_num_feat=8, rrdb_num_block=2, rrdb_num_grow_ch=4
                   channel_mults=[1, 2], num_res_blocks=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def schedule():

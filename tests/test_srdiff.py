@@ -21,13 +21,7 @@ TINY_NET = {'type': 'SRDiffNet', 'scale': 4, 'rrdb_num_feat': 8, 'rrdb_num_block
             'base_channels': 8, 'channel_mults': [1, 2], 'num_res_blocks': 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and robust on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def srdiff_options(data_root, name='srdiff', yoda=True, total_iter=4, **overrides):
