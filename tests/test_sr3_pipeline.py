@@ -29,6 +29,9 @@ def test_train_validate_checkpoint_and_test(tiny_data, tmp_path, yoda):
     state = torch.load(exp / 'training_states' / '4.state', map_location='cpu', weights_only=True)
     assert state['iter'] == 4 and state['optimizers'][0]['param_groups'][0]['weight_decay'] == 1e-4
     assert glob.glob(str(exp / 'visualization' / 'val_00' / 'val_00_4.png'))
+    # Iteration 4 is validated once: not again after the loop under BasicSR's overrun counter.
+    assert log.count('# psnr') == 1 and '@ 4 iter' in log and 'iteration 4 already validated' in log
+    assert [os.path.basename(p) for p in glob.glob(str(exp / 'visualization' / 'val_00' / '*.png'))] == ['val_00_4.png']
     assert glob.glob(str(tmp_path / 'tb_logger' / name / 'events.out.tfevents.*'))
     assert not glob.glob(str(exp / '**' / '*.tmp*'), recursive=True), 'temporary checkpoint files left behind'
 
@@ -98,6 +101,17 @@ def test_torchrun_two_cpu_processes_stay_in_sync(tiny_data, tmp_path):
     assert 'Ranks in sync at iteration 4 (final save, latest)' in log  # BasicSR passes -1 to the final save
     assert 'Ranks in sync at iteration -1' not in log
     assert 'Validation tiny_val' in log
+    assert log.count('# psnr') == 1 and '@ 4 iter' in log and '@ 5 iter' not in log and '@ 6 iter' not in log
+
+
+def test_last_iteration_off_the_validation_grid_is_validated_under_its_number(tiny_data, tmp_path):
+    opt = tiny_options(tiny_data, name='offgrid', total_iter=3, val__val_freq=2, logger__save_checkpoint_freq=100)
+    run([PYTHON, '-m', 'yoda_plugin', 'train', '-opt', write_options(tmp_path / 'train.yml', opt)], cwd=tmp_path)
+    exp = tmp_path / 'experiments' / 'offgrid'
+    log = train_log(exp)
+    assert log.count('# psnr') == 2 and 'already validated' not in log
+    images = sorted(os.path.basename(p) for p in glob.glob(str(exp / 'visualization' / 'val_00' / '*.png')))
+    assert images == ['val_00_2.png', 'val_00_3.png']
 
 
 def test_basicsr_loader_imports_plugin_from_option_file(tmp_path):

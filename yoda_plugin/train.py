@@ -21,10 +21,12 @@ def _fix_script_path():
 
 def main(root_path=None):
     import yoda_plugin  # noqa: F401  (registers archs, models, datasets, losses, metrics)
-    from yoda_plugin.utils.options import patch_basicsr_runner
+    from yoda_plugin.utils.options import close_process_group, patch_basicsr_runner
     patch_basicsr_runner()
     from basicsr.train import train_pipeline
     train_pipeline(root_path or os.getcwd())
+    # Only after success: after a failure on one rank, the others may still wait in a collective.
+    close_process_group()
 
 
 if __name__ == '__main__':

@@ -23,6 +23,27 @@ from tqdm import tqdm
 class ValidationMixin:
     """Needs ``self.val_opt`` (:class:`~.sections.ValOptions`), ``self.pipeline`` and the model's ``test``."""
 
+    def validation(self, dataloader, current_iter, tb_logger, save_img=False):
+        """BasicSR's, except that its call after the training loop validates the real last iteration, once.
+
+        BasicSR's loop validates once more after it ends, with its counter past
+        the last iteration (an 8-iteration run reports "@ 10 iter"): the most
+        expensive validation twice, and a tensorboard step that clashes with a
+        resumed run's real one. ``last_iter`` is the last iteration trained.
+        """
+        if self.opt['is_train']:
+            last = getattr(self, 'last_iter', None)
+            name = dataloader.dataset.opt['name']
+            done = self.__dict__.setdefault('_validated_at', set())
+            if last is not None and current_iter > last:
+                if (name, last) in done:
+                    get_root_logger().info(f'Validation {name}: iteration {last} already validated; '
+                                           'not repeating it after the training loop.')
+                    return
+                current_iter = last
+            done.add((name, current_iter))
+        super().validation(dataloader, current_iter, tb_logger, save_img)
+
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img):
         self._validation(dataloader, current_iter, tb_logger, save_img, rank=0, world_size=1)
 

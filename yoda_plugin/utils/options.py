@@ -81,6 +81,18 @@ def init_dist_any_device(launcher: str, backend=None, **kwargs):
     dist.init_process_group(backend=backend, **kwargs)
 
 
+def close_process_group():
+    """Tear down the process group of a distributed run before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's worker threads are destroyed while
+    still joinable, which aborts the process ("terminate called without an
+    active exception", SIGABRT) after a run that otherwise succeeded.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def load_resume_state_any_device(opt):
     """BasicSR's ``load_resume_state`` without its CUDA assumption, and picky about completeness.
 
