@@ -5,7 +5,7 @@
         --checkpoint experiments/train_SR3_YODA_16_128_FFHQ/models/net_g_latest.pth [--param-key params_ema] \
         [--sampler dpmpp_2m --steps 20] [--sparse regions:8] [--amp bf16] \
         [--source dino_resnet50 --source-opt heads=max --source-opt weights=/path/dino_resnet50_pretrain.pth] \
-        [--seed 0] [--device cuda] [--tile 128 --tile-overlap 32] [--save-previews]
+        [--seed 0] [--device cuda] [--tile 128 --tile-overlap 32] [--colour-fix wavelet] [--save-previews]
 
 A thin front end of ``yoda_plugin.YODAResolver``: INPUT is an image file or a
 folder (every regular, non-hidden file in it is tried, sorted). Each LR image
@@ -15,7 +15,9 @@ grid, its attention map is computed on the LR image with ``--source``
 resized bilinearly to the HR grid, exactly as the training data were
 prepared; then the resolver samples with ``--sampler`` / ``--steps`` (default:
 the option file's ``val.sampler``, else DDPM with ``diffusion.sample_steps``).
-A vanilla model (YODA off) needs no attention.
+A vanilla model (YODA off) needs no attention. ``--colour-fix wavelet|adain``
+corrects each sampled image's colours against the upsampled LR (``none``
+switches off the option file's ``val.colour_fix``).
 
 Images larger than the training size (``network_g.image_size``, or ``--tile``)
 are sampled with tiles on the HR grid (``--tile-overlap``, default a quarter
@@ -139,6 +141,9 @@ def build_parser():
                         'regions:8 (an approximation: see README, Performance)')
     p.add_argument('--region-cost', type=float, default=1024, help='val.sparse.region_cost with --sparse regions:*')
     p.add_argument('--amp', choices=('bf16', 'fp16'), help='autocast dtype of the network (val.amp)')
+    p.add_argument('--colour-fix', choices=('none', 'wavelet', 'adain'),
+                   help="colour correction against the upsampled LR after sampling (val.colour_fix; default: the "
+                        "option file's, else none)")
     p.add_argument('--suffix', default='', help='appended to output file stems')
     p.add_argument('--save-previews', action='store_true', help='also write the attention map and mask preview')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
@@ -163,6 +168,8 @@ def build_resolver(args, opt):
                                'region_cost': args.region_cost}
     if args.amp:
         overrides['amp'] = args.amp
+    if args.colour_fix:
+        overrides['colour_fix'] = args.colour_fix
     tile = (opt.get('network_g') or {}).get('image_size') if args.tile is None else args.tile
     if tile:
         overrides['tiling'] = {'tile_size': int(tile), 'tile_overlap': args.tile_overlap, 'round': True}
@@ -199,7 +206,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
     bar = tqdm(files, unit='image', disable=args.quiet, file=sys.stderr)
     print(f'sampler {pipe.sampler_config.label(pipe.steps)}, YODA {"on" if pipe.yoda.enabled else "off"}, '
-          f'tiles {pipe.tiling.tile_size or "off"}', file=sys.stderr)
+          f'tiles {pipe.tiling.tile_size or "off"}, colour fix {pipe.colour_fix or "off"}', file=sys.stderr)
     for path in bar:
         name = os.path.basename(path)
         bar.set_description(name[:30])

@@ -12,7 +12,9 @@ bicubic for float tensors), its attention map is computed on the LR image with
 the configured source (``attention_source`` or the dataset's recorded
 ``attention_meta`` source) and resized bilinearly to the HR grid, exactly as
 the training data were prepared; then the model's :class:`DiffusionSR`
-pipeline samples. Sampler, sparse sampling, tiling, device and amp are
+pipeline samples. Sampler, sparse sampling, tiling, device, amp and the
+colour fix (``colour_fix='wavelet'`` or ``'adain'``: the sampled image's colours
+corrected against the upsampled LR, :mod:`yoda_plugin.core.colour_fix`) are
 options of the object; nothing is written into any model's options.
 """
 import copy
@@ -54,8 +56,8 @@ class YODAResolver:
     @classmethod
     def from_network(cls, net, opt: dict, device='cpu', attention_source=None, **overrides) -> 'YODAResolver':
         """A resolver for ``net`` (weights already loaded) with the ``diffusion`` / ``yoda`` / ``val`` sections of
-        ``opt``; ``overrides``: ``sampler``, ``sparse``, ``tiling``, ``amp``, ``channels_last``, ``sample_steps``
-        (each as in the ``val`` section), ``resize``."""
+        ``opt``; ``overrides``: ``sampler``, ``sparse``, ``tiling``, ``amp``, ``channels_last``, ``colour_fix``
+        (``wavelet``, ``adain``, ``none``), ``sample_steps`` (each as in the ``val`` section), ``resize``."""
         from .models.pipeline_options import build_pipeline
         resize = overrides.pop('resize', None) or dataset_resize(opt)
         pipeline = build_pipeline(net, opt, **overrides)

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .colour_fix import apply_colour_fix, check_colour_fix
 from .samplers import sample
 from .sparse import SparseConfig
 from .tiling import TilingConfig
@@ -87,15 +88,18 @@ class DiffusionSR:
     ``variance`` is DDPM's; ``clip`` clips the predicted x0 to [-1, 1];
     ``backbone_options`` go to the adapter (SRDiff: ``res_rescale``,
     ``clip_input``, ``time_offset``). Inputs are padded to the network's size
-    multiple and the output cropped back. ``info`` holds the sparse counters
-    (``sparse_stats``, None when sparse sampling did not run), the number of tiles and the sampler.
+    multiple and the output cropped back. ``colour_fix`` (None, ``'wavelet'``,
+    ``'adain'``; :mod:`.colour_fix`) corrects the whole sampled image against
+    ``lq_up`` (after tiling, once). ``info`` holds the sparse counters
+    (``sparse_stats``, None when sparse sampling did not run), the number of tiles, the sampler and the
+    colour fix.
     """
 
     def __init__(self, net, backbone: str, schedule, scale: int, yoda: YODAConfig, sampler=None,
                  default_steps: Optional[int] = None, variance: str = 'posterior', clip: bool = True,
                  sparse: Optional[SparseConfig] = None, tiling: Optional[TilingConfig] = None,
                  amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
-                 backbone_options: Optional[dict] = None):
+                 backbone_options: Optional[dict] = None, colour_fix: Optional[str] = None):
         from .adapters import SR3Adapter, SRDiffAdapter
         from .samplers import SamplerConfig
         if backbone not in BACKBONES:
@@ -105,6 +109,7 @@ class DiffusionSR:
         self.sampler = self.sampler_config.build(schedule, default_steps, (-1.0, 1.0) if clip else None, variance)
         self.sparse, self.amp_dtype, self.channels_last = sparse or SparseConfig(), amp_dtype, channels_last
         self.backbone_options = dict(backbone_options or {})
+        self.colour_fix = check_colour_fix(colour_fix)
         self._adapter_cls = SR3Adapter if backbone == 'sr3' else SRDiffAdapter
         # Crops and tiles align to the network's size multiple; padding also to the scale (whole LR pixels).
         self.multiple = 2**(net.num_levels - 1) if backbone == 'sr3' else _lcm(net.size_multiple, scale)
@@ -140,4 +145,5 @@ class DiffusionSR:
         adapter = self.adapter(lq_p, lq_up_p)
         z, info = super_resolve(adapter, self.sampler, self.yoda, att_p, self.sparse, self.tiling, generator,
                                 callback, progress)
-        return adapter.to_image(z)[..., :H, :W], {**info, 'sampler': self.sampler}
+        out = apply_colour_fix(self.colour_fix, adapter.to_image(z)[..., :H, :W], lq_up)
+        return out, {**info, 'sampler': self.sampler, 'colour_fix': self.colour_fix}

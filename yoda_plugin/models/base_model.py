@@ -80,7 +80,7 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
             f'({self.pipeline.sampler!r}); YODA: {self.yoda.as_dict() if self.yoda.enabled else "off (vanilla)"}; '
             f'sampling tiles: {asdict(tiling) if tiling.enabled else "off (whole image)"}; '
             f'sparse: {asdict(self.pipeline.sparse) if self.pipeline.sparse.enabled else "off"}; '
-            f'pad to {self.pipeline.pad_multiple}' + self.describe())
+            f'pad to {self.pipeline.pad_multiple}; colour fix: {self.pipeline.colour_fix or "off"}' + self.describe())
 
     # -- hooks of the backbones ------------------------------------------------------------------
     def make_adapter(self, net, schedule, amp_dtype, channels_last):

@@ -40,7 +40,7 @@ def pipeline_from_sections(net, backbone: str, scale: int, diffusion, yoda, val,
     kwargs = dict(sampler=val.sampler_config, default_steps=diffusion.sample_steps, variance=diffusion.variance,
                   clip=diffusion.clip_denoised, sparse=val.sparse_config, tiling=val.tiling,
                   amp_dtype=val.fast.amp_dtype, channels_last=getattr(net, '_yoda_channels_last', False),
-                  backbone_options=backbone_options)
+                  backbone_options=backbone_options, colour_fix=val.colour_fix)
     kwargs.update(overrides)
     return DiffusionSR(net, backbone, schedule or diffusion.training_schedule(), scale, yoda, **kwargs)
 
@@ -85,13 +85,15 @@ def _rounded_tiling(tiling: dict, multiple: int) -> dict:
 
 
 def build_pipeline(net, opt: dict, sampler=None, sparse=None, tiling=None, amp: Optional[str] = None,
-                   channels_last: Optional[bool] = None, sample_steps: Optional[int] = None) -> DiffusionSR:
+                   channels_last: Optional[bool] = None, sample_steps: Optional[int] = None,
+                   colour_fix: Optional[str] = None) -> DiffusionSR:
     """The model's pipeline for ``net`` (weights loaded) and the options ``opt``, nothing written into ``opt``.
 
     Overrides, each as in the ``val`` section: ``sampler`` (``val.sampler``), ``sparse`` (``val.sparse``),
     ``tiling`` (``tile_size`` / ``tile_overlap`` / ``tile_margin``; with ``round: true`` the size and overlap
     are rounded down to the network's multiple, the overlap defaulting to a quarter tile), ``amp``,
-    ``channels_last`` (applied to ``net``); ``sample_steps`` replaces ``diffusion.sample_steps``.
+    ``channels_last`` (applied to ``net``), ``colour_fix`` (``val.colour_fix``: ``wavelet``, ``adain``, or ``none``
+    to switch off the options' fix); ``sample_steps`` replaces ``diffusion.sample_steps``.
     Dataclass sections (``SamplerConfig``, ...) are accepted too.
     """
     cls = model_class(opt)
@@ -108,6 +110,8 @@ def build_pipeline(net, opt: dict, sampler=None, sparse=None, tiling=None, amp: 
         val['amp'] = amp
     if channels_last is not None:
         val['channels_last'] = channels_last
+    if colour_fix is not None:
+        val['colour_fix'] = colour_fix
     if sample_steps is not None:
         diffusion['sample_steps'] = sample_steps
     build = lambda s: pipeline_from_sections(  # noqa: E731

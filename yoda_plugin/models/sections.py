@@ -18,6 +18,7 @@ from typing import Optional, Union
 
 import torch
 
+from yoda_plugin.core.colour_fix import check_colour_fix
 from yoda_plugin.core.options import build_section
 from yoda_plugin.core.samplers import VARIANCE_TYPES, SamplerConfig
 from yoda_plugin.core.schedule import SCHEDULES, DiffusionSchedule, make_beta_schedule
@@ -143,7 +144,9 @@ class FastPaths:
 @dataclass
 class ValOptions:
     """The ``val`` section (BasicSR's keys and ours). ``sampler`` / ``sparse`` are sections of their own;
-    ``tile_size`` / ``tile_overlap`` / ``tile_margin`` make ``tiling``; amp / channels_last / compile ``fast``."""
+    ``tile_size`` / ``tile_overlap`` / ``tile_margin`` make ``tiling``; amp / channels_last / compile ``fast``.
+    ``colour_fix``: null (default), ``wavelet`` or ``adain``, applied to every sampled image against the
+    upsampled LR (:mod:`yoda_plugin.core.colour_fix`)."""
     val_freq: Union[int, float, None] = None
     save_img: bool = False
     suffix: Optional[str] = None
@@ -161,8 +164,10 @@ class ValOptions:
     amp: Optional[str] = None
     channels_last: bool = False
     compile: Union[bool, dict, None] = False
+    colour_fix: Optional[str] = None
 
     def __post_init__(self):
+        self.colour_fix = check_colour_fix(self.colour_fix, 'val.colour_fix')
         # Built from the keys (attributes, not fields: not option keys): sampler_config, sparse_config, tiling, fast.
         if self.sample_seed is not None and not _is_int(self.sample_seed):
             raise ValueError(f'val.sample_seed must be an integer or null (the global RNG), got {self.sample_seed!r}')
