@@ -33,6 +33,16 @@ Design, with the paper facts it follows:
 * Weights use PyTorch's default initialisation (no zero-init of the output
   convs as in DDPM's TensorFlow code), so a fresh net already responds to all
   of its inputs.
+
+Three options (defaults: the design above) make the net the U-Net of the
+public SR3 code the paper built on (Janspiry/Image-Super-Resolution-via-
+Iterative-Refinement), whose published checkpoints
+:mod:`yoda_plugin.checkpoints` converts: ``noise_proj_silu: false`` (its
+per-block noise projection is a Linear on the embedding, no SiLU before it),
+``attn_qkv_bias: false`` (its qkv conv has no bias) and ``noise_affine: true``
+(the scale-and-shift conditioning of its older revision, ``use_affine_level``:
+the projection gives 2C values, gamma then beta, and the block computes
+``(1 + gamma) * h + beta`` instead of ``h + e``).
 """
 import math
 from typing import Sequence
@@ -63,13 +73,15 @@ def noise_level_encoding(noise_level: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class ResBlock(nn.Module):
-    """DDPM residual block with additive noise-level conditioning."""
+    """DDPM residual block with noise-level conditioning: added per channel, or scale-and-shift (``affine``)."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int,
+                 proj_silu: bool = True, affine: bool = False):
         super().__init__()
+        self.proj_silu, self.affine = proj_silu, affine
         self.norm1 = nn.GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if affine else out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -77,8 +89,13 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        # DDPM: nonlinearity then a dense projection, added per channel.
-        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        # DDPM: nonlinearity then a dense projection, added per channel (the public SR3 code: no nonlinearity).
+        e = self.emb_proj(F.silu(emb) if self.proj_silu else emb)[:, :, None, None]
+        if self.affine:
+            gamma, beta = e.chunk(2, dim=1)
+            h = (1 + gamma) * h + beta
+        else:
+            h = h + e
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -86,10 +103,10 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions (DDPM)."""
 
-    def __init__(self, ch: int, groups: int):
+    def __init__(self, ch: int, groups: int, qkv_bias: bool = True):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1, bias=qkv_bias)
         self.proj = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor = None) -> torch.Tensor:
@@ -146,6 +163,17 @@ class SR3UNet(nn.Module):
             count.
         use_checkpoint: gradient-checkpoint each ResBlock and attention block
             while training (recompute activations in backward to save memory).
+        noise_proj_silu: SiLU on the embedding before each ResBlock's noise
+            projection (DDPM; default). false: the public SR3 code's plain
+            Linear.
+        attn_qkv_bias: bias in the attention's qkv conv (default). false: as
+            the public SR3 code.
+        noise_affine: scale-and-shift noise conditioning ``(1 + gamma) * h +
+            beta`` (the public SR3 code's older ``use_affine_level``
+            revision); default false: ``h + e``.
+
+    ``network_options`` holds the constructor arguments (checkpoint loading
+    compares them with a file's layout).
 
     Size of the paper configuration (all defaults): 128,817,731 parameters,
     measured, which matches the "about 129M" quoted for the paper's SR3 net.
@@ -167,12 +195,27 @@ class SR3UNet(nn.Module):
                  image_size: int = 128,
                  dropout: float = 0.0,
                  norm_groups: int = 32,
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False,
+                 noise_proj_silu: bool = True,
+                 attn_qkv_bias: bool = True,
+                 noise_affine: bool = False):
         super().__init__()
         self._validate(in_channels, out_channels, base_channels, channel_mults, num_res_blocks, attn_resolutions,
                        image_size, dropout, norm_groups, use_checkpoint)
+        for name, value in (('noise_proj_silu', noise_proj_silu), ('attn_qkv_bias', attn_qkv_bias),
+                            ('noise_affine', noise_affine)):
+            if not isinstance(value, bool):
+                raise ValueError(f'network_g.{name} must be true or false, got {value!r}')
         channel_mults = tuple(channel_mults)
         attn_resolutions = tuple(attn_resolutions)
+        self.network_options = dict(
+            in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
+            channel_mults=list(channel_mults), num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
+            image_size=image_size, dropout=dropout, norm_groups=norm_groups, use_checkpoint=use_checkpoint,
+            noise_proj_silu=noise_proj_silu, attn_qkv_bias=attn_qkv_bias, noise_affine=noise_affine)
+        res_block = lambda i, o: ResBlock(i, o, emb_dim, dropout, norm_groups, noise_proj_silu,  # noqa: E731
+                                          noise_affine)
+        attn_block = lambda c: AttnBlock(c, norm_groups, attn_qkv_bias)  # noqa: E731
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.base_channels = base_channels
@@ -194,19 +237,19 @@ class SR3UNet(nn.Module):
             res = image_size // 2**level
             out_ch = base_channels * mult
             for _ in range(num_res_blocks):
-                self.down.append(ResBlock(ch, out_ch, emb_dim, dropout, norm_groups))
+                self.down.append(res_block(ch, out_ch))
                 ch = out_ch
                 if res in attn_resolutions:
-                    self.down.append(AttnBlock(ch, norm_groups))
+                    self.down.append(attn_block(ch))
                 skip_chs.append(ch)
             if level != self.num_levels - 1:
                 self.down.append(Downsample(ch))
                 skip_chs.append(ch)
 
         self.mid = nn.ModuleList([
-            ResBlock(ch, ch, emb_dim, dropout, norm_groups),
-            AttnBlock(ch, norm_groups),
-            ResBlock(ch, ch, emb_dim, dropout, norm_groups),
+            res_block(ch, ch),
+            attn_block(ch),
+            res_block(ch, ch),
         ])
 
         # Up path: num_res_blocks + 1 ResBlocks per level, each eating one skip.
@@ -215,10 +258,10 @@ class SR3UNet(nn.Module):
             res = image_size // 2**level
             out_ch = base_channels * channel_mults[level]
             for _ in range(num_res_blocks + 1):
-                self.up.append(ResBlock(ch + skip_chs.pop(), out_ch, emb_dim, dropout, norm_groups))
+                self.up.append(res_block(ch + skip_chs.pop(), out_ch))
                 ch = out_ch
                 if res in attn_resolutions:
-                    self.up.append(AttnBlock(ch, norm_groups))
+                    self.up.append(attn_block(ch))
             if level != 0:
                 self.up.append(Upsample(ch))
         assert not skip_chs

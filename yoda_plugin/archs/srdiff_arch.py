@@ -25,9 +25,12 @@ we differ:
   U-Net's full-resolution features after the first level's ResBlocks
   (SRDiff's ``x = x + cond`` at ``i == 0``).
 * Time: the integer time step t (we pass the training step 1..T of the
-  paper's notation; SRDiff's 0-based t is ours minus 1, an irrelevant shift)
-  with SRDiff's sinusoidal embedding (frequencies 10000^(-i/(half-1))), then
-  ``Linear(C, 4C) -> Mish -> Linear(4C, C)``.
+  paper's notation; SRDiff's 0-based t is ours minus 1, a shift that does not
+  matter when training from scratch) with SRDiff's sinusoidal embedding
+  (frequencies 10000^(-i/(half-1))), then ``Linear(C, 4C) -> Mish ->
+  Linear(4C, C)``. ``time_offset`` is added to t before the embedding: -1
+  gives SRDiff's 0..T-1, which its published checkpoints were trained on
+  (:mod:`yoda_plugin.checkpoints` converts them).
 * ResBlock: ``Block -> + Linear(Mish(emb)) -> Block -> + skip`` where
   ``Block = ReflectionPad(1) -> Conv3x3 [-> GroupNorm] -> Mish`` and the skip
   is a 1x1 conv when channels change. SRDiff uses no normalisation
@@ -221,6 +224,14 @@ class SRDiffNet(nn.Module):
         norm_groups: GroupNorm groups in the U-Net blocks, 0 = none (SRDiff).
         use_attn / attn_heads / attn_head_channels: SRDiff's optional linear
             attention in the middle block (off for DIV2K in SRDiff).
+        time_offset: integer added to the time step before its embedding
+            (default 0: the net sees the training steps 1..T; -1: 0..T-1, as
+            the official SRDiff code, for its published weights). Training
+            and sampling both go through it, so a fine-tune keeps the
+            convention of the weights it starts from.
+
+    ``network_options`` holds the constructor arguments (checkpoint loading
+    compares them with a file's layout).
 
     HR inputs must have sizes divisible by :attr:`size_multiple`
     (lcm of 2**(len(channel_mults) - 1) and the encoder stride 4); the model
@@ -241,8 +252,19 @@ class SRDiffNet(nn.Module):
                  norm_groups: int = 0,
                  use_attn: bool = False,
                  attn_heads: int = 4,
-                 attn_head_channels: int = 32):
+                 attn_head_channels: int = 32,
+                 time_offset: int = 0):
         super().__init__()
+        if not _is_int(time_offset):
+            raise ValueError(f'network_g.time_offset must be an integer (SRDiff\'s published weights: -1), '
+                             f'got {time_offset!r}')
+        self.network_options = dict(
+            scale=scale, num_in_ch=num_in_ch, num_out_ch=num_out_ch, rrdb_num_feat=rrdb_num_feat,
+            rrdb_num_block=rrdb_num_block, rrdb_num_grow_ch=rrdb_num_grow_ch,
+            cond_feature_indices=None if cond_feature_indices is None else list(cond_feature_indices),
+            base_channels=base_channels, channel_mults=list(channel_mults) if isinstance(channel_mults, Sequence)
+            else channel_mults, num_res_blocks=num_res_blocks, norm_groups=norm_groups, use_attn=use_attn,
+            attn_heads=attn_heads, attn_head_channels=attn_head_channels, time_offset=time_offset)
         if scale not in (1, 2, 4):
             raise ValueError(f'network_g.scale must be 1, 2 or 4 (BasicSR\'s RRDBNet encoder), got {scale!r}')
         for name, value in (('num_in_ch', num_in_ch), ('num_out_ch', num_out_ch), ('rrdb_num_feat', rrdb_num_feat),
@@ -279,6 +301,7 @@ class SRDiffNet(nn.Module):
                 raise ValueError(f'network_g.cond_feature_indices must be distinct integers in [0, {num_feats - 1}] '
                                  f'(rrdb_num_block + 1 encoder features), got {cond_feature_indices!r}')
         self.scale = scale
+        self.time_offset = time_offset
         self.cond_feature_indices = tuple(indices)
         self.rrdb = RRDBNet(num_in_ch, num_out_ch, scale=scale, num_feat=rrdb_num_feat, num_block=rrdb_num_block,
                             num_grow_ch=rrdb_num_grow_ch)
@@ -351,7 +374,7 @@ class SRDiffNet(nn.Module):
         if cond_hr.shape[0] != z_t.shape[0] or cond_hr.shape[2:] != z_t.shape[2:]:
             raise ValueError(f'SRDiffNet: condition {tuple(cond_hr.shape)} does not match z_t {tuple(z_t.shape)}; '
                              f'the HR size must be {RRDB_FEATURE_STRIDE} x the encoder feature size')
-        return self.unet(z_t, t, cond_hr)
+        return self.unet(z_t, t + self.time_offset if self.time_offset else t, cond_hr)
 
     def forward(self, z_t: torch.Tensor, lq: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps for noisy residuals ``z_t`` (B, 3, H, W), LR images ``lq`` (B, 3, H/s, W/s) and steps ``t`` (B,)."""

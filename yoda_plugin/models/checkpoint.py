@@ -117,13 +117,26 @@ def _strip_module(state) -> OrderedDict:
     return OrderedDict((k[7:] if k.startswith('module.') else k, v) for k, v in state.items())
 
 
+# A non-strict load that fills less than this share of the network's tensors is refused: it is a wrong file.
+MIN_LOADED_SHARE = 0.5
+
+
 def load_network_weights(net, load_path: str, param_key='params', strict: bool = True, trusted: bool = False):
     """Load a BasicSR checkpoint (``{"params": ..., "params_ema": ...}``) into ``net``, with errors that say why not.
 
     ``param_key`` missing falls back to ``params``; ``trusted`` loads with ``weights_only=False``; not ``strict``
-    skips keys the network lacks or holds in another shape.
+    skips keys the network lacks or holds in another shape, listing each in a warning, and refuses a file that
+    fills less than half of the network's tensors. The published SR3 (Janspiry) and SRDiff files are recognised
+    and mapped onto ``net`` (:mod:`yoda_plugin.checkpoints`); ``param_key`` does not apply to them.
     """
     state = load_checkpoint(load_path, weights_only=not trusted)
+    from yoda_plugin.checkpoints import FORMATS, detect_format, fit_network
+    public = detect_format(state)
+    if public in FORMATS:
+        state = fit_network(net, state, load_path, public, strict, warn=get_root_logger().warning)
+        get_root_logger().info(f'Loading: {load_path} is a published {public} checkpoint, mapped onto '
+                               f'{type(net).__name__}.')
+        param_key = None
     if param_key is not None and isinstance(state, dict) and param_key in state:
         state = state[param_key]
     elif param_key is not None and isinstance(state, dict) and 'params' in state:
@@ -144,13 +157,20 @@ def load_network_weights(net, load_path: str, param_key='params', strict: bool =
     if not strict:
         state_all = state
         state = OrderedDict((k, v) for k, v in state.items() if k in own and own[k].shape == v.shape)
+        if len(state) < MIN_LOADED_SHARE * len(own):
+            raise ValueError(
+                f'{load_path} fills only {len(state)} of the {len(own)} tensors of {type(net).__name__} (under '
+                f'{MIN_LOADED_SHARE:.0%}; strict_load is false): another architecture or network_g options? '
+                f'{len(unexpected)} key(s) the network lacks, e.g. {unexpected[:4]}; {len(wrong)} of another shape, '
+                f'e.g. {[(k, tuple(state_all[k].shape), tuple(own[k].shape)) for k in wrong[:3]]}; {len(missing)} '
+                f'network key(s) not in the file, e.g. {missing[:4]}')
         if missing or unexpected or wrong:  # BasicSR lists these too; a silent partial load hides a wrong file
             get_root_logger().warning(
                 f'strict_load is false: loaded {len(state)} of {len(own)} tensors of {type(net).__name__} from '
-                f'{load_path}; dropped {len(unexpected)} key(s) the network lacks {unexpected[:8]}, '
+                f'{load_path}; dropped {len(unexpected)} key(s) the network lacks {unexpected}, '
                 f'{len(wrong)} of another shape '
-                f'{[(k, tuple(state_all[k].shape), tuple(own[k].shape)) for k in wrong[:8]]}; '
-                f'{len(missing)} network key(s) not in the file keep their initial values {missing[:8]}')
+                f'{[(k, tuple(state_all[k].shape), tuple(own[k].shape)) for k in wrong]}; '
+                f'{len(missing)} network key(s) not in the file keep their initial values {missing}')
     net.load_state_dict(state, strict=strict)
     get_root_logger().info(f'Loading {type(net).__name__} model from {load_path}, with param key: [{param_key}].')
 
@@ -190,6 +210,8 @@ class CheckpointMixin:
         """Optimizers and schedulers (BasicSR), then the random number streams of the saved run."""
         self.check_resumed_optimizers(resume_state)
         super().resume_training(resume_state)
+        if 'iter' in resume_state:  # a resumed run with nothing left to train still knows its last iteration
+            self.last_iter = int(resume_state['iter'])
         if 'rng' in resume_state:
             set_rng_state(resume_state['rng'])
         if 'grad_scaler' in resume_state and self.grad_scaler is not None:
