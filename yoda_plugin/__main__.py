@@ -3,7 +3,7 @@ import sys
 
 
 def main():
-    commands = ('train', 'test', 'demo')
+    commands = ('train', 'test', 'demo', 'gpu_check')
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         print(f'usage: python -m yoda_plugin {{{"|".join(commands)}}} [options]', file=sys.stderr)
         return 2
