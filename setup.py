@@ -42,7 +42,7 @@ setup(
         'numpy>=1.22',
         'tqdm>=4.0',
     ],
-    extras_require={'test': ['pytest>=7', 'hypothesis>=6', 'scikit-image>=0.19']},
+    extras_require={'test': ['pytest>=7', 'hypothesis>=6', 'scikit-image>=0.19', 'matplotlib>=3.5'], 'plots': ['matplotlib>=3.5']},
     entry_points={
         'console_scripts': [
             'yoda-train=yoda_plugin.train:main',

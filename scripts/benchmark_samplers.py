@@ -30,15 +30,12 @@ DEFAULT_RUNS = ('ddpm:200', 'ddpm:100', 'ddpm:50', 'ddpm:20', 'ddim:50', 'ddim:2
 
 def parse_run(spec: str):
     """``TYPE:STEPS[:ETA]`` -> (type, steps, eta); ETA only for ddim."""
-    parts = spec.split(':')
+    from yoda_plugin.core.samplers import SamplerConfig
     try:
-        kind, steps, eta = parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
-    except (IndexError, ValueError):
-        kind = None
-    if kind not in ('ddpm', 'ddim', 'dpmpp_2m') or len(parts) > 3 or (eta and kind != 'ddim'):
-        raise argparse.ArgumentTypeError(f'run {spec!r}: expected TYPE:STEPS[:ETA] with TYPE ddpm, ddim or '
-                                         f'dpmpp_2m (ETA for ddim only), e.g. ddim:20 or ddim:20:0.5')
-    return kind, steps, eta
+        config = SamplerConfig.from_spec(spec)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return config.type, config.steps, config.eta
 
 
 def build_parser():

@@ -39,10 +39,11 @@ def test_demo_refuses_an_experiment_folder_it_did_not_make(tmp_path, capsys):
 
 
 def test_demo_pipeline_is_deterministic(tmp_path):
-    """Two fresh demo runs (data, attention precompute, training, validation, test) at a tiny size give the
-    same checkpoint tensors, the same metrics and the same SR images, bit for bit."""
+    """Two fresh demo runs (data, attention precompute, vanilla and YODA training, validation, test, figure) at
+    a tiny size give the same checkpoint tensors, the same metrics and the same images, bit for bit."""
     import glob
     import json
+    import re
     import subprocess
     import sys
 
@@ -56,16 +57,32 @@ def test_demo_pipeline_is_deterministic(tmp_path):
                               cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert '(2 CPU threads)' in proc.stdout
-        ckpt = torch.load(root / 'experiments' / 'demo_SR3_YODA_x4' / 'models' / 'net_g_latest.pth',
-                          weights_only=True)
-        results = root / 'results' / 'demo_test_SR3_YODA_x4'
-        summary = json.loads((results / 'summary_demo_val.json').read_text())
-        images = {os.path.basename(p): open(p, 'rb').read()
-                  for p in sorted(glob.glob(str(results / 'visualization' / '*' / '*.png')))}
-        runs.append((ckpt, summary, images))
-    (ca, sa, ia), (cb, sb, ib) = runs
-    for key in ('params', 'params_ema'):
-        assert ca[key].keys() == cb[key].keys()
-        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key]), key
-    assert sa['metrics'] == sb['metrics'] and sa['update_ratio'] == sb['update_ratio']
-    assert len(ia) == 6 * 2 and ia == ib  # 6 SR images and their attention maps
+        table = [m.group(1) for m in re.finditer(r'^  (bicubic|SR3 \+ YODA|SR3) +[0-9]', proc.stdout, re.M)]
+        assert table == ['bicubic', 'SR3', 'SR3 + YODA']
+        figure = root / 'results' / 'demo_comparison' / 'demo_comparison.png'
+        assert f'side-by-side figure (LR, bicubic, SR3, SR3 + YODA, HR, attention): {figure}' in proc.stdout
+        run = {'figure': figure.read_bytes(), 'table': json.loads((figure.parent / 'demo_table.json').read_text())}
+        for exp, test in (('demo_SR3_x4', 'demo_test_SR3_x4'), ('demo_SR3_YODA_x4', 'demo_test_SR3_YODA_x4')):
+            run[exp] = torch.load(root / 'experiments' / exp / 'models' / 'net_g_latest.pth', weights_only=True)
+            results = root / 'results' / test
+            run[test] = json.loads((results / 'summary_demo_val.json').read_text())
+            run[test + '/images'] = {os.path.basename(p): open(p, 'rb').read()
+                                     for p in sorted(glob.glob(str(results / 'visualization' / '*' / '*.png')))}
+        runs.append(run)
+    a, b = runs
+    for exp in ('demo_SR3_x4', 'demo_SR3_YODA_x4'):
+        for key in ('params', 'params_ema'):
+            assert a[exp][key].keys() == b[exp][key].keys()
+            assert all(torch.equal(a[exp][key][k], b[exp][key][k]) for k in a[exp][key]), (exp, key)
+    # Same seed and data: the two methods differ only by YODA (vanilla updates every pixel).
+    assert not torch.equal(a['demo_SR3_x4']['params']['conv_out.weight'],
+                           a['demo_SR3_YODA_x4']['params']['conv_out.weight'])
+    for test in ('demo_test_SR3_x4', 'demo_test_SR3_YODA_x4'):
+        assert a[test]['metrics'] == b[test]['metrics'] and a[test]['update_ratio'] == b[test]['update_ratio']
+        assert a[test + '/images'] == b[test + '/images'] and len(a[test + '/images']) >= 6
+    assert a['demo_test_SR3_x4']['update_ratio'] == 1.0 > a['demo_test_SR3_YODA_x4']['update_ratio']
+    assert a['figure'] == b['figure']
+    seconds = {'sec_per_image', 'train_seconds'}  # wall-clock columns differ between runs
+    assert {m: {k: v for k, v in row.items() if k not in seconds} for m, row in a['table'].items()} == \
+        {m: {k: v for k, v in row.items() if k not in seconds} for m, row in b['table'].items()}
+    assert set(a['table']) == {'bicubic', 'SR3', 'SR3 + YODA'}

@@ -75,13 +75,18 @@ def claim(root, folder):
         os.replace(tmp, os.path.join(root, MANIFEST))
 
 
+def refuse_foreign(root, folder, why: str):
+    """Raise :class:`DemoRefusal` if ``folder`` exists and the demo did not make it."""
+    if os.path.exists(folder) and os.path.relpath(folder, root) not in _manifest(root)['created']:
+        raise DemoRefusal(f'{folder} exists and was not made by the demo ({why}); the demo deletes only its own '
+                          f'folders (listed in {os.path.join(root, MANIFEST)}). Move it away, or pass another --root')
+
+
 def remove_own(root, folder, why: str):
     """Delete ``folder`` if the demo made it (saying so); refuse if it exists and the demo did not make it."""
     if not os.path.exists(folder):
         return
-    if os.path.relpath(folder, root) not in _manifest(root)['created']:
-        raise DemoRefusal(f'{folder} exists and was not made by the demo ({why}); the demo deletes only its own '
-                          f'folders (listed in {os.path.join(root, MANIFEST)}). Move it away, or pass another --root')
+    refuse_foreign(root, folder, why)
     import shutil
     print(f'[demo] removing {folder}, made by an earlier demo run ({why})', flush=True)
     shutil.rmtree(folder)
@@ -125,11 +130,12 @@ def build_demo_data(root, seed=0, train_per_photo=16, val_per_photo=3, force=Fal
 
 
 def bicubic_baseline(root, metrics_opt):
-    """PSNR/SSIM of the bicubic-upsampled LR against HR on the demo validation set."""
+    """The test metrics of the bicubic-upsampled LR against HR on the demo validation set."""
     import cv2
     from basicsr.metrics import calculate_metric
 
     from yoda_plugin.data.transforms import bicubic_resize
+    from yoda_plugin.models.validation import metric_takes_lq
     folder = os.path.join(root, 'datasets', 'demo')
     sums = {name: 0.0 for name in metrics_opt}
     keys = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(folder, 'val_hr')))
@@ -139,7 +145,8 @@ def bicubic_baseline(root, metrics_opt):
         up = bicubic_resize(np.ascontiguousarray(lr), hr.shape[:2], 'pil')
         data = {'img': np.ascontiguousarray(up[:, :, ::-1]), 'img2': np.ascontiguousarray(hr[:, :, ::-1])}
         for name, opt in metrics_opt.items():
-            sums[name] += float(calculate_metric(data, dict(opt)))
+            extra = {'lq': np.ascontiguousarray(lr[:, :, ::-1])} if metric_takes_lq(opt) else {}
+            sums[name] += float(calculate_metric(dict(data, **extra), dict(opt)))
     return {name: total / len(keys) for name, total in sums.items()}
 
 
@@ -192,52 +199,141 @@ def pin_threads(threads: int):
     torch.set_num_threads(threads)
 
 
-def run_demo(root, args):
+# The two runs the demo compares: same data, network, seed, budget and sampler; only YODA differs.
+METHODS = (
+    ('vanilla', 'SR3', 'train_sr3_demo.yml', 'test_sr3_demo.yml'),
+    ('yoda', 'SR3 + YODA', 'train_sr3_yoda_demo.yml', 'test_sr3_yoda_demo.yml'),
+)
+
+
+def train_and_test(root, train_opt, test_opt, iters=None) -> dict:
+    """Train one demo model through BasicSR's pipeline, test its EMA weights; return the test summary."""
     from yoda_plugin.utils.options import load_options
-    opts = options_dir()
-    train_opt, test_opt = (os.path.join(opts, f) for f in ('train_sr3_yoda_demo.yml', 'test_sr3_yoda_demo.yml'))
-    start = time.time()
-    print(f'[demo] building the demo dataset under {root}/datasets/demo ...', flush=True)
-    build_demo_data(root, force=args.rebuild_data)
     name = load_options(train_opt)['name']
-    train_cmd = [sys.executable, '-m', 'yoda_plugin', 'train', '-opt', train_opt]
     exp_dir = os.path.join(root, 'experiments', name)
     # A fresh run each time (BasicSR would rename an old one to *_archived_<time>), but only over our own.
     remove_own(root, exp_dir, 'a new demo run trains from scratch')
     claim(root, exp_dir)
-    results_dir = os.path.join(root, 'results', load_options(test_opt)['name'])
-    remove_own(root, results_dir, 'a new demo run tests again')
-    claim(root, results_dir)
-    if args.iters:
-        train_cmd += ['--force_yml', f'train:total_iter={args.iters}', f'val:val_freq={args.iters}']
+    test = load_options(test_opt)
+    results = os.path.join(root, 'results', test['name'])
+    remove_own(root, results, 'a new demo run tests again')
+    claim(root, results)
+    train_cmd = [sys.executable, '-m', 'yoda_plugin', 'train', '-opt', train_opt]
+    if iters:
+        train_cmd += ['--force_yml', f'train:total_iter={iters}', f'val:val_freq={iters}']
     print('[demo] training:', ' '.join(train_cmd), flush=True)
+    start = time.time()
     subprocess.run(train_cmd, cwd=root, check=True)
+    train_seconds = time.time() - start
     test_cmd = [sys.executable, '-m', 'yoda_plugin', 'test', '-opt', test_opt]
     print('[demo] testing:', ' '.join(test_cmd), flush=True)
     subprocess.run(test_cmd, cwd=root, check=True)
-
-    test = load_options(test_opt)
-    results = os.path.join(root, 'results', test['name'])
-    summary_path = os.path.join(results, 'summary_demo_val.json')
-    with open(summary_path, encoding='utf-8') as f:
+    with open(os.path.join(results, 'summary_demo_val.json'), encoding='utf-8') as f:
         summary = json.load(f)
-    baseline = bicubic_baseline(root, test['val']['metrics'])
-    names = list(test['val']['metrics'])
-    print('\n[demo] results on the demo validation crops '
-          f'({summary["images"]} images, 4x, {summary["sample_steps"]} sampling steps):')
-    print(f'  {"method":<16}' + ''.join(f'{n.upper():>10}' for n in names))
-    print(f'  {"bicubic":<16}' + ''.join(f'{baseline[n]:>10.4f}' for n in names))
-    print(f'  {"SR3 + YODA":<16}' + ''.join(f'{summary["metrics"][n]:>10.4f}' for n in names))
-    print(f'  YODA pixel-update share vs full diffusion: {summary["update_ratio"]:.3f}')
-    print('  (a few minutes of CPU training does not beat bicubic; the paper trains 1M iterations)')
-    print(f'\n[demo] finished in {time.time() - start:.0f} s ({args.threads} CPU threads). Where things are:')
-    print(f'  training log, options copy : {exp_dir}')
-    print(f'  checkpoints                : {exp_dir}/models (net_g_*.pth: params + params_ema)')
-    print(f'  resumable training states  : {exp_dir}/training_states')
-    print(f'  validation images          : {exp_dir}/visualization')
-    print(f'  tensorboard                : {os.path.join(root, "tb_logger", name)}')
-    print(f'  test images, metrics CSV   : {results}')
+    return dict(summary, name=name, experiment=exp_dir, results=results, train_seconds=train_seconds,
+                images_dir=os.path.join(results, 'visualization', summary['dataset']), test_name=test['name'])
+
+
+def comparison_figure(root, runs, path, max_images=3):
+    """One row per validation image: LR | bicubic | each method | HR | attention, labelled; returns ``path``."""
+    import cv2
+
+    from yoda_plugin.data.transforms import bicubic_resize
+    folder = os.path.join(root, 'datasets', 'demo')
+    keys = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(folder, 'val_hr')))[:max_images]
+    labels = ['LR', 'bicubic'] + [label for label, _ in runs] + ['HR', 'attention (YODA)']
+    rows = []
+    for key in keys:
+        hr = cv2.imread(os.path.join(folder, 'val_hr', f'{key}.png'))
+        lr = cv2.imread(os.path.join(folder, 'val_lr', f'{key}.png'))
+        size = hr.shape[:2]
+        tiles = [cv2.resize(lr, size[::-1], interpolation=cv2.INTER_NEAREST),
+                 np.ascontiguousarray(bicubic_resize(lr[:, :, ::-1].copy(), size, 'pil')[:, :, ::-1])]
+        tiles += [cv2.imread(os.path.join(run['images_dir'], f'{key}_{run["test_name"]}.png')) for _, run in runs]
+        attention = os.path.join(runs[-1][1]['images_dir'], f'{key}_attention.png')
+        tiles += [hr, cv2.imread(attention) if os.path.isfile(attention) else np.zeros_like(hr)]
+        rows.append(np.concatenate([cv2.resize(t, size[::-1], interpolation=cv2.INTER_NEAREST) for t in tiles],
+                                   axis=1))
+    scale = 3  # 64 px crops are too small to judge; nearest keeps the pixels as they are
+    grid = np.concatenate(rows, axis=0)
+    grid = cv2.resize(grid, (grid.shape[1] * scale, grid.shape[0] * scale), interpolation=cv2.INTER_NEAREST)
+    tile_w = grid.shape[1] // len(labels)
+    header = np.full((28, grid.shape[1], 3), 255, np.uint8)
+    for i, label in enumerate(labels):
+        cv2.putText(header, label, (i * tile_w + 6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cv2.imwrite(path, np.concatenate([header, grid], axis=0))
+    return path
+
+
+def demo_folders(root):
+    """Every folder a demo run replaces: (path, why), checked before any work starts."""
+    from yoda_plugin.utils.options import load_options
+    opts = options_dir()
+    folders = [(os.path.join(root, 'results', 'demo_comparison'), 'a new demo run compares again')]
+    for _, _, train_file, test_file in METHODS:
+        folders.append((os.path.join(root, 'experiments', load_options(os.path.join(opts, train_file))['name']),
+                        'a new demo run trains from scratch'))
+        folders.append((os.path.join(root, 'results', load_options(os.path.join(opts, test_file))['name']),
+                        'a new demo run tests again'))
+    return folders
+
+
+def run_demo(root, args):
+    from yoda_plugin.utils.options import load_options
+    opts = options_dir()
+    start = time.time()
+    for folder, why in demo_folders(root):  # refuse before training anything, not halfway through
+        refuse_foreign(root, folder, why)
+    print(f'[demo] building the demo dataset under {root}/datasets/demo ...', flush=True)
+    build_demo_data(root, force=args.rebuild_data)
+    runs = []
+    for key, label, train_file, test_file in METHODS:
+        print(f'[demo] === {label} ===', flush=True)
+        runs.append((label, train_and_test(root, os.path.join(opts, train_file), os.path.join(opts, test_file),
+                                           args.iters)))
+    test = load_options(os.path.join(opts, METHODS[-1][3]))
+    metrics_opt = test['val']['metrics']
+    baseline = bicubic_baseline(root, metrics_opt)
+    names = list(metrics_opt)
+    yoda_run = runs[-1][1]
+    iters = args.iters or load_options(os.path.join(opts, METHODS[-1][2]))['train']['total_iter']
+    print(f'\n[demo] results on the demo validation crops ({yoda_run["images"]} images, 4x, '
+          f'{yoda_run["sampler"]["type"].upper()} with {yoda_run["sample_steps"]} steps; same data, network, seed '
+          f'and {iters} training iterations for both):')
+    header = f'  {"method":<12}' + ''.join(f'{METRIC_LABELS.get(n, n):>12}' for n in names)
+    print(header + f'{"update share":>14}{"s/image":>9}{"train s":>9}')
+    print(f'  {"bicubic":<12}' + ''.join(f'{baseline[n]:>12.4f}' for n in names) + f'{"-":>14}{"-":>9}{"-":>9}')
+    table = {'bicubic': baseline}
+    for label, run in runs:
+        print(f'  {label:<12}' + ''.join(f'{run["metrics"][n]:>12.4f}' for n in names)
+              + f'{run["update_ratio"]:>14.3f}{run["sec_per_image"]:>9.2f}{run["train_seconds"]:>9.0f}')
+        table[label] = dict(run['metrics'], update_share=run['update_ratio'], sec_per_image=run['sec_per_image'],
+                            train_seconds=run['train_seconds'])
+    print('  ' + '; '.join(METRIC_NOTES[n] for n in names if n in METRIC_NOTES))
+    print('  (minutes of CPU training do not beat bicubic; the paper trains 1M iterations on GPUs)')
+    out = os.path.join(root, 'results', 'demo_comparison')
+    remove_own(root, out, 'a new demo run compares again')
+    claim(root, out)
+    figure = comparison_figure(root, runs, os.path.join(out, 'demo_comparison.png'))
+    with open(os.path.join(out, 'demo_table.json'), 'w', encoding='utf-8') as f:
+        json.dump(table, f, indent=2)
+    print(f'\n[demo] side-by-side figure (LR, bicubic, SR3, SR3 + YODA, HR, attention): {figure}')
+    print(f'[demo] finished in {time.time() - start:.0f} s ({args.threads} CPU threads). Where things are:')
+    for label, run in runs:
+        print(f'  {label}:')
+        print(f'    training log, options copy : {run["experiment"]}')
+        print(f'    checkpoints                : {run["experiment"]}/models (net_g_*.pth: params + params_ema)')
+        print(f'    validation history (CSV)   : {run["experiment"]}/validation_demo_val.csv')
+        print(f'    tensorboard                : {os.path.join(root, "tb_logger", run["name"])}')
+        print(f'    test images, metrics CSV   : {run["results"]}')
+    print(f'  table (JSON)                 : {os.path.join(out, "demo_table.json")}')
     return 0
+
+
+METRIC_LABELS = {'psnr': 'PSNR', 'ssim': 'SSIM', 'colour_shift': 'colour', 'lr_psnr': 'LR-PSNR'}
+METRIC_NOTES = {'colour_shift': 'colour: CIEDE2000 of low-passed SR vs HR, lower is better',
+                'lr_psnr': 'LR-PSNR: downsampled SR vs the LR input'}
 
 
 if __name__ == '__main__':

@@ -219,6 +219,19 @@ class SamplerConfig:
         from .options import build_section
         return build_section(cls, opt, where)
 
+    @classmethod
+    def from_spec(cls, spec: str) -> 'SamplerConfig':
+        """``TYPE:STEPS[:ETA]`` as command lines write it, e.g. ``ddim:20`` or ``ddim:20:0.5``."""
+        parts = spec.split(':')
+        try:
+            kind, steps, eta = parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
+        except (IndexError, ValueError):
+            kind = None
+        if kind not in SAMPLERS or len(parts) > 3 or (eta and kind != 'ddim'):
+            raise ValueError(f'sampler {spec!r}: expected TYPE:STEPS[:ETA] with TYPE one of {sorted(SAMPLERS)} '
+                             '(ETA for ddim only), e.g. ddim:20 or ddim:20:0.5')
+        return cls(kind, steps, eta)
+
     def build(self, schedule: DiffusionSchedule, default_steps: Optional[int] = None,
               clip_range: ClipRange = (-1.0, 1.0), variance: str = 'posterior') -> Sampler:
         steps = self.steps if self.steps is not None else default_steps

@@ -20,6 +20,24 @@ from basicsr.utils.dist_util import master_only
 from tqdm import tqdm
 
 
+def metric_takes_lq(metric_opt: dict) -> bool:
+    """Whether the registered metric of ``metric_opt['type']`` declares an ``lq`` parameter (the LR input).
+
+    BasicSR passes only ``img`` (SR) and ``img2`` (HR); metrics that check their keyword arguments (LPIPS)
+    would refuse an extra ``lq``, so only those that name it get it.
+    """
+    import inspect
+    from basicsr.utils.registry import METRIC_REGISTRY
+    try:
+        func = METRIC_REGISTRY.get(metric_opt.get('type'))
+    except KeyError:
+        return False  # calculate_metric reports the unknown type
+    try:
+        return 'lq' in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class ValidationMixin:
     """Needs ``self.val_opt`` (:class:`~.sections.ValOptions`), ``self.pipeline`` and the model's ``test``."""
 
@@ -72,6 +90,7 @@ class ValidationMixin:
         metric_data = {'img': sr_img}
         if 'gt' in visuals:
             metric_data['img2'] = tensor2img([visuals['gt']])
+        lq_img = tensor2img([visuals['lq']]) if 'lq' in visuals else None
         if save_img:
             folder, suffix = self._image_folder(dataset_name, img_name, current_iter)
             imwrite(sr_img, osp.join(folder, f'{img_name}_{suffix}.png'))
@@ -81,7 +100,10 @@ class ValidationMixin:
             self._log_images(tb_logger, dataset_name, img_name, visuals, current_iter)
         row = {'index': idx, 'image': img_name}
         for name, opt_ in metrics_opt.items():
-            row[name] = float(calculate_metric(metric_data, opt_))
+            data = metric_data
+            if lq_img is not None and metric_takes_lq(opt_):  # e.g. calculate_lr_psnr: LR consistency
+                data = {**metric_data, 'lq': lq_img}
+            row[name] = float(calculate_metric(data, opt_))
         row.update(update_ratio=ratio, seconds=seconds)
         stats = getattr(self, 'sparse_stats', None)
         if stats:  # val.sparse: share of the dense network work actually done
@@ -134,12 +156,28 @@ class ValidationMixin:
         if tb_logger is not None:
             for k, v in self.val_extra.items():
                 tb_logger.add_scalar(f'metrics/{dataset_name}/{k}', v, current_iter)
-        if not self.opt['is_train']:
+        if self.opt['is_train']:
+            self._append_history(dataset_name, current_iter)
+        else:
             self._write_report(dataset_name, [{k: v for k, v in r.items() if k != 'index'} for r in rows])
 
     def sampler_label(self) -> str:
         """E.g. ``ddpm/200`` or ``ddim(eta=0.5)/50``: the sampler type and its number of steps."""
         return self.val_opt.sampler_config.label(self.pipeline.steps)
+
+    def _append_history(self, dataset_name, current_iter):
+        """One row per training validation in ``<experiment>/validation_<dataset>.csv`` (metrics over iterations).
+
+        After a resume, iterations validated again appear twice; the last row of an iteration is the current run's.
+        """
+        path = osp.join(self.opt['path']['experiments_root'], f'validation_{dataset_name}.csv')
+        row = {'iter': current_iter, **self.metric_results, **self.val_extra}
+        new_file = not osp.isfile(path)
+        with open(path, 'a', newline='', encoding='utf-8') as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
 
     @master_only
     def _write_report(self, dataset_name, rows):
@@ -153,7 +191,7 @@ class ValidationMixin:
             writer.writerows(rows)
         summary = {'dataset': dataset_name, 'images': len(rows), 'metrics': self.metric_results,
                    'sampler': self.val_opt.sampler_config.as_dict(), 'sample_steps': self.pipeline.steps,
-                   'yoda': self.yoda.as_dict(), **self.val_extra}
+                   'yoda': self.yoda.as_dict(), 'colour_fix': self.val_opt.colour_fix, **self.val_extra}
         with open(osp.join(root, f'summary_{dataset_name}.json'), 'w', encoding='utf-8') as f:
             json.dump(summary, f, indent=2)
         get_root_logger().info(f'Wrote {csv_path} and summary_{dataset_name}.json')

@@ -1,0 +1,296 @@
+"""Small-batch stability: vanilla against YODA over batch sizes and seeds (the paper's Table 2 question).
+
+For every (method, batch size, seed) the driver writes an option file derived
+from one training option file (only ``yoda.enabled``, the batch size, the seed,
+the budget and the evaluation cadence change), trains it through our BasicSR
+runner, and reads the validation history every training run writes
+(``experiments/<name>/validation_<dataset>.csv``, one row per evaluation).
+It then writes one long CSV, a summary at the last iteration (mean and
+standard deviation over seeds) and one plot per metric: the metric against
+the iteration, one panel per batch size, the mean over seeds with its
+min-max band.
+
+Runs are resumable: a finished run (its history has the last iteration) is not
+trained again; an interrupted one continues with ``--auto_resume``.
+"""
+import copy
+import csv
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import yaml
+
+METHODS = ('vanilla', 'yoda')
+# Metrics where lower is better (the summary marks the better method per batch size).
+LOWER_IS_BETTER = {'colour_shift', 'lpips', 'niqe'}
+
+
+@dataclass
+class StabilityPlan:
+    options: str                     # training option file (YODA on or off: both methods are derived from it)
+    batch_sizes: Sequence[int]
+    seeds: Sequence[int]
+    iters: int
+    eval_every: int
+    root: str                        # BasicSR root: datasets/ are resolved, experiments/ written here
+    prefix: str = 'stability'
+    methods: Sequence[str] = METHODS
+    sampler: Optional[dict] = None   # val.sampler for the evaluations, e.g. {'type': 'ddpm', 'steps': 10}
+    overrides: Dict[str, object] = field(default_factory=dict)  # dotted key -> value, applied to every run
+    nproc: int = 1                   # >1: torchrun --nproc_per_node=nproc --launcher pytorch
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f'unknown method(s) {unknown}: expected a subset of {list(METHODS)}')
+        if not self.batch_sizes or not self.seeds:
+            raise ValueError('give at least one batch size and one seed')
+        if min(self.batch_sizes) < 1:
+            raise ValueError(f'batch sizes must be >= 1, got {list(self.batch_sizes)}')
+        if self.iters < 1 or self.eval_every < 1 or self.eval_every > self.iters:
+            raise ValueError(f'need 1 <= eval_every ({self.eval_every}) <= iters ({self.iters})')
+
+    @property
+    def results_dir(self) -> str:
+        return os.path.join(self.root, 'results', self.prefix)
+
+    def run_name(self, method: str, batch: int, seed: int) -> str:
+        return f'{self.prefix}_{method}_b{batch}_s{seed}'
+
+    def runs(self):
+        for batch in self.batch_sizes:
+            for seed in self.seeds:
+                for method in self.methods:
+                    yield method, batch, seed
+
+
+def set_dotted(opt: dict, dotted: str, value):
+    """``opt['a']['b'] = value`` for ``'a.b'``; every level but the last must exist (typos fail loudly)."""
+    keys = dotted.split('.')
+    node = opt
+    for depth, key in enumerate(keys[:-1]):
+        if not isinstance(node, dict) or key not in node:
+            raise KeyError(f'option {".".join(keys[:depth + 1])!r} not found (from override {dotted!r})')
+        node = node[key]
+    if not isinstance(node, dict):
+        raise KeyError(f'option {".".join(keys[:-1])!r} is not a section (from override {dotted!r})')
+    node[keys[-1]] = value
+
+
+def parse_override(text: str):
+    """``key.sub=VALUE`` with VALUE parsed as YAML (numbers, lists, null); a clear error otherwise."""
+    if '=' not in text:
+        raise ValueError(f'override {text!r}: expected KEY=VALUE, e.g. network_g.base_channels=16')
+    key, value = text.split('=', 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def run_options(base: dict, plan: StabilityPlan, method: str, batch: int, seed: int) -> dict:
+    """The option dict of one run: ``base`` with YODA on/off, batch, seed, budget and evaluation cadence."""
+    opt = copy.deepcopy(base)
+    opt.pop('yoda_plugin', None)
+    for key, value in plan.overrides.items():
+        set_dotted(opt, key, value)
+    opt['name'] = plan.run_name(method, batch, seed)
+    opt['manual_seed'] = int(seed)
+    yoda = opt.get('yoda')
+    if method == 'yoda' and not (yoda and yoda.get('enabled', True)):
+        raise ValueError(f'{plan.options}: the yoda method needs a `yoda:` section with the attention settings; '
+                         'start from a YODA training option file')
+    # Vanilla keeps the same datasets (attention maps are read but unused), so both see the same batches.
+    opt['yoda'] = dict(yoda, enabled=True) if method == 'yoda' else {'enabled': False}
+    train_set = (opt.get('datasets') or {}).get('train')
+    if train_set is None:
+        raise ValueError(f'{plan.options}: no datasets.train section')
+    train_set['batch_size_per_gpu'] = int(batch)
+    opt['train']['total_iter'] = int(plan.iters)
+    opt.setdefault('path', {}).update(pretrain_network_g=None, resume_state=None)
+    val = opt.get('val')
+    if val is None or not val.get('metrics'):
+        raise ValueError(f'{plan.options}: val.metrics is needed to evaluate the runs along the way')
+    val.update(val_freq=int(plan.eval_every), save_img=False)
+    if plan.sampler:
+        val['sampler'] = dict(plan.sampler)
+    logger = opt.setdefault('logger', {})
+    logger['save_checkpoint_freq'] = int(plan.eval_every)  # resumable at every evaluation
+    return opt
+
+
+def history_path(plan: StabilityPlan, opt: dict) -> str:
+    val_name = opt['datasets']['val']['name'] if 'val' in opt['datasets'] else next(
+        v['name'] for k, v in opt['datasets'].items() if k.startswith('val'))
+    return os.path.join(plan.root, 'experiments', opt['name'], f'validation_{val_name}.csv')
+
+
+def read_history(path: str) -> Dict[int, dict]:
+    """Iteration -> row; a resumed run's repeated iteration keeps its last row."""
+    rows = {}
+    if os.path.isfile(path):
+        with open(path, newline='', encoding='utf-8') as f:
+            for row in csv.DictReader(f):
+                rows[int(row['iter'])] = {k: float(v) for k, v in row.items() if k != 'iter' and v != ''}
+    return rows
+
+
+def _plain(obj):
+    """OrderedDicts (our loader's mappings) as dicts, which the safe dumper writes."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def write_yaml(path: str, opt: dict):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write('yoda_plugin: !!python/name:yoda_plugin.__version__\n')
+        yaml.safe_dump(_plain(opt), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def train_command(plan: StabilityPlan, option_file: str, resume: bool) -> List[str]:
+    if plan.nproc > 1:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={plan.nproc}',
+               '-m', 'yoda_plugin', 'train', '-opt', option_file, '--launcher', 'pytorch']
+    else:
+        cmd = [sys.executable, '-m', 'yoda_plugin', 'train', '-opt', option_file]
+    return cmd + (['--auto_resume'] if resume else [])
+
+
+def run_plan(plan: StabilityPlan, log=print) -> List[dict]:
+    """Train every run not finished yet; return the long table (one row per run and evaluation)."""
+    from yoda_plugin.utils.options import load_options
+    base = load_options(plan.options)
+    todo = list(plan.runs())
+    rows = []
+    for i, (method, batch, seed) in enumerate(todo, 1):
+        opt = run_options(base, plan, method, batch, seed)
+        history = history_path(plan, opt)
+        option_file = os.path.join(plan.results_dir, 'options', f'{opt["name"]}.yml')
+        if plan.iters in read_history(history):
+            log(f'[stability] {i}/{len(todo)} {opt["name"]}: finished earlier, kept')
+        else:
+            write_yaml(option_file, opt)
+            started = os.path.isdir(os.path.join(plan.root, 'experiments', opt['name'], 'training_states'))
+            log(f'[stability] {i}/{len(todo)} {opt["name"]}: ' + ('resuming' if started else 'training'))
+            subprocess.run(train_command(plan, option_file, resume=started), cwd=plan.root, check=True)
+        for it, values in sorted(read_history(history).items()):
+            if it <= plan.iters:
+                rows.append({'method': method, 'batch': batch, 'seed': seed, 'iter': it, **values})
+    return rows
+
+
+def summarize(rows: List[dict], metrics: Sequence[str]) -> Dict[tuple, dict]:
+    """(method, batch, iter) -> {metric: (mean, std, min, max, n)} over seeds (population std)."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row['method'], row['batch'], row['iter'])].append(row)
+    out = {}
+    for key, group in groups.items():
+        stats = {}
+        for metric in metrics:
+            values = [r[metric] for r in group if metric in r]
+            if values:
+                mean = sum(values) / len(values)
+                std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+                stats[metric] = (mean, std, min(values), max(values), len(values))
+        out[key] = stats
+    return out
+
+
+def metric_names(rows: List[dict]) -> List[str]:
+    skip = {'method', 'batch', 'seed', 'iter', 'sec_per_image', 'sparse_pixels'}
+    names = []
+    for row in rows:
+        names += [k for k in row if k not in skip and k not in names]
+    return names
+
+
+def write_table(rows: List[dict], path: str):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fields = ['method', 'batch', 'seed', 'iter'] + [k for k in metric_names(rows) + ['sec_per_image']
+                                                   if any(k in r for r in rows)]
+    with open(path, 'w', newline='', encoding='utf-8') as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def final_table(rows: List[dict], iters: int) -> str:
+    """Markdown: per batch size and method, mean ± std over seeds at the last iteration."""
+    metrics = metric_names(rows)
+    stats = summarize([r for r in rows if r['iter'] == iters], metrics)
+    lines = ['| batch | method | seeds | ' + ' | '.join(metrics) + ' |',
+             '|---|---|---|' + '---|' * len(metrics)]
+    for batch in sorted({b for _, b, _ in stats}):
+        for method in METHODS:
+            s = stats.get((method, batch, iters))
+            if not s:
+                continue
+            n = max(v[4] for v in s.values())
+            cells = [f'{s[m][0]:.4f} ± {s[m][1]:.4f}' if m in s else '-' for m in metrics]
+            lines.append(f'| {batch} | {method} | {n} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def plot(rows: List[dict], out_dir: str) -> List[str]:
+    """One PNG per metric: metric against iteration, a panel per batch size, mean over seeds and min-max band."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError('the stability plots need matplotlib: pip install matplotlib '
+                          '(or pip install -e .[plots])') from err
+    metrics = metric_names(rows)
+    stats = summarize(rows, metrics)
+    batches = sorted({b for _, b, _ in stats})
+    paths = []
+    for metric in metrics:
+        fig, axes = plt.subplots(1, len(batches), figsize=(4 * len(batches), 3.2), squeeze=False, sharey=True)
+        for ax, batch in zip(axes[0], batches):
+            for method, colour in zip(METHODS, ('tab:red', 'tab:blue')):
+                points = sorted((it, s[metric]) for (m, b, it), s in stats.items()
+                                if m == method and b == batch and metric in s)
+                if not points:
+                    continue
+                its = [p[0] for p in points]
+                ax.plot(its, [p[1][0] for p in points], color=colour, marker='o', label=method)
+                ax.fill_between(its, [p[1][2] for p in points], [p[1][3] for p in points], color=colour, alpha=0.2)
+            ax.set_title(f'batch {batch}')
+            ax.set_xlabel('iteration')
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(metric + (' (lower is better)' if metric in LOWER_IS_BETTER else ''))
+        axes[0][-1].legend()
+        fig.suptitle(f'{metric}: mean over seeds, band = min..max')
+        fig.tight_layout()
+        path = os.path.join(out_dir, f'stability_{metric}.png')
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run_experiment(plan: StabilityPlan, log=print) -> dict:
+    """Train what is missing, then write ``stability.csv``, ``summary.md`` and the plots; return their paths."""
+    rows = run_plan(plan, log=log)
+    os.makedirs(plan.results_dir, exist_ok=True)
+    table = write_table(rows, os.path.join(plan.results_dir, 'stability.csv'))
+    summary = final_table(rows, plan.iters)
+    summary_path = os.path.join(plan.results_dir, 'summary.md')
+    with open(summary_path, 'w', encoding='utf-8') as f:
+        f.write(f'Stability at iteration {plan.iters} (mean ± std over seeds {list(plan.seeds)}), '
+                f'from {plan.options}\n\n{summary}\n')
+    plots = plot(rows, plan.results_dir)
+    log(f'\n[stability] at iteration {plan.iters}, mean ± std over seeds {list(plan.seeds)}:\n{summary}')
+    log(f'[stability] long table: {table}\n[stability] summary: {summary_path}')
+    for path in plots:
+        log(f'[stability] plot: {path}')
+    return {'table': table, 'summary': summary_path, 'plots': plots, 'rows': rows}
