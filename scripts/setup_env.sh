@@ -22,6 +22,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install --quiet $TORCH_SPEC
   "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
+  # First import writes yapf's grammar cache (via mmengine); do it once here, not in two torchrun ranks at once
+  # (a rank reading the other's half-written cache fails with "EOFError: Ran out of input").
+  "$VENV/bin/python" -c "import mmengine.dist" >/dev/null
   echo "$WANT" > "$STAMP"
 else
   echo "[setup] reusing $VENV"

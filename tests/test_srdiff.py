@@ -329,7 +329,7 @@ def test_option_files_are_consistent():
         assert o['yoda']['enabled'] == ('yoda' in f)
         for m in o['val']['metrics'].values():
             assert m['crop_border'] == 0
-            assert m['type'] == 'calculate_lpips' or m['test_y_channel'] is False  # LPIPS is RGB anyway
+            assert m.get('test_y_channel', False) is False  # RGB (LPIPS and the colour shift are RGB anyway)
     for f in OPTION_FILES[:2]:
         t = opts[f]['datasets']['train']
         assert t['gt_size'] == 160 and t['batch_size_per_gpu'] == 16 and opts[f]['train']['optim_g']['type'] == 'AdamW'
