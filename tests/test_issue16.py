@@ -464,3 +464,274 @@ def test_training_resumed_with_another_optimizer_type_stops_at_resume(tiny_data,
     now = {p: open(p, 'rb').read() for p in sorted(glob.glob(str(exp / 'models' / '*')) +
                                                    glob.glob(str(exp / 'training_states' / '*')))}
     assert now == saved, 'nothing saved is changed or added'
+
+
+# -- item 5: train.nan_policy, its limit, and no checkpoint of non-finite weights --------------------------
+
+def _tiny_train_model(tiny_data, tmp_path, **train):
+    from basicsr.models import build_model
+
+    from conftest import tiny_options
+    opt = tiny_options(tiny_data, name='nanunit')
+    opt['train'].update(train)
+    root = str(tmp_path / 'exp')
+    opt.update(is_train=True, dist=False, rank=0, world_size=1, num_gpu=0, root_path=root, auto_resume=False)
+    opt['path'].update(experiments_root=root, models=os.path.join(root, 'models'),
+                       training_states=os.path.join(root, 'training_states'), log=root,
+                       visualization=os.path.join(root, 'visualization'))
+    os.makedirs(opt['path']['models'])
+    return build_model(opt)
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.get_bare_model(model.net_g).state_dict().items()}
+
+
+def _finite_loss(model):
+    return sum(p.sum() for p in model.get_bare_model(model.net_g).parameters()) * 1e-6
+
+
+def test_nan_skip_policy_skips_then_stops_at_its_limit(tiny_data, tmp_path, basicsr_log):
+    model = _tiny_train_model(tiny_data, tmp_path, nan_policy='skip', nan_skip_limit=3)
+    before = _weights(model)
+    nan = torch.tensor(float('nan'))
+    model.apply_loss(nan, None, 1)
+    model.apply_loss(nan, None, 2)
+    assert all(torch.equal(before[k], v) for k, v in _weights(model).items()), 'a skipped step changes nothing'
+    assert sum('step skipped (train.nan_policy: skip; 2 in a row, the run stops at 3)' in ln for ln in basicsr_log) == 1
+    model.apply_loss(_finite_loss(model), None, 3)  # a good step resets the count
+    assert model.skipped_in_a_row == 0
+    # A finite loss whose gradients are not (d sqrt(|x|) at 0): skipped as well, not applied.
+    p = next(model.get_bare_model(model.net_g).parameters())
+    bad_grad = torch.sqrt((p - p.detach()).abs().sum())
+    assert torch.isfinite(bad_grad)
+    after_good = _weights(model)
+    model.apply_loss(bad_grad, None, 4)
+    assert any('non-finite gradients (loss 0 is finite) at iteration 4: step skipped' in ln for ln in basicsr_log)
+    assert all(torch.equal(after_good[k], v) for k, v in _weights(model).items())
+    model.apply_loss(nan, None, 5)
+    with pytest.raises(FloatingPointError, match=r'at iteration 6: 3 steps in a row skipped \(train.nan_skip_limit: 3\)'):
+        model.apply_loss(nan, None, 6)
+
+
+def test_non_finite_weights_stop_the_run_and_are_never_saved(tiny_data, tmp_path):
+    model = _tiny_train_model(tiny_data, tmp_path, nan_policy='skip')
+    p = next(model.get_bare_model(model.net_g).parameters())
+    step = model.optimizer_g.step
+
+    def poisoning_step(*args, **kwargs):  # a finite loss and gradients, and an update that overflows
+        step(*args, **kwargs)
+        with torch.no_grad():
+            p.view(-1)[0] = float('inf')
+
+    model.optimizer_g.step = poisoning_step
+    with pytest.raises(FloatingPointError, match='weights are non-finite after the optimizer step at iteration 7'):
+        model.apply_loss(_finite_loss(model), None, 7)  # even under nan_policy: skip
+    models = model.opt['path']['models']
+    with pytest.raises(FloatingPointError, match=r'refusing to save .*net_g_7.pth: 1 tensor\(s\) of params hold'):
+        model.save_network(model.net_g, 'net_g', 7)
+    assert os.listdir(models) == [], 'nothing written, not even a temporary file'
+
+
+@pytest.mark.parametrize('train, words', [
+    ({'nan_policy': 'ignore'}, "train.nan_policy must be one of ('raise', 'skip'), got 'ignore'"),
+    ({'nan_skip_limit': 0}, 'train.nan_skip_limit must be a positive integer'),
+    ({'nan_skip_limit': 2.5}, 'train.nan_skip_limit must be a positive integer'),
+])
+def test_invalid_nan_options_are_refused(tiny_data, tmp_path, train, words):
+    with pytest.raises(ValueError) as info:
+        _tiny_train_model(tiny_data, tmp_path, **train)
+    assert words in str(info.value)
+
+
+# -- item 4: --auto_resume keeps the log, falls back past unusable states, cleans temporary files ---------
+
+def _dead_pid():
+    proc = subprocess.Popen([PYTHON, '-c', 'pass'])
+    proc.wait()
+    return proc.pid
+
+
+def _save_pair(exp, it, weights):
+    from yoda_plugin.models.checkpoint import atomic_torch_save
+    atomic_torch_save({'epoch': 0, 'iter': it, 'optimizers': [], 'schedulers': []},
+                      str(exp / 'training_states' / f'{it}.state'))
+    atomic_torch_save({'params': weights, 'params_ema': weights}, str(exp / 'models' / f'net_g_{it}.pth'))
+
+
+def test_auto_resume_skips_corrupt_and_non_finite_states_and_removes_stale_temporary_files(tmp_path, basicsr_log):
+    from yoda_plugin.utils import options as uopt
+    exp = tmp_path / 'experiments' / 'r'
+    (exp / 'training_states').mkdir(parents=True)
+    (exp / 'models').mkdir()
+    _save_pair(exp, 2, {'w': torch.ones(2)})
+    _save_pair(exp, 4, {'w': torch.tensor([1.0, float('nan')])})  # saved by an older version
+    _save_pair(exp, 6, {'w': torch.ones(2)})
+    (exp / 'training_states' / '6.state').write_bytes(b'PK\x03\x04 torn')  # corrupt newest state
+    dead, alive = _dead_pid(), os.getpid()
+    stale = exp / 'models' / f'net_g_8.pth.tmp.{dead}'
+    stale.write_bytes(b'partial')
+    live = exp / 'training_states' / f'8.state.tmp.{os.getppid()}'  # a running process's file is kept
+    live.write_bytes(b'being written')
+    opt = {'name': 'r', 'auto_resume': True, 'path': {'training_states': str(exp / 'training_states'),
+                                                      'models': str(exp / 'models')},
+           'network_g': {'type': 'SR3UNet'}, 'datasets': {'train': {'batch_size_per_gpu': 2}}}
+    try:
+        state = uopt.load_resume_state_any_device(opt)
+        assert state['iter'] == 2 and opt['path']['pretrain_network_g'].endswith('net_g_2.pth')
+        assert not stale.exists() and live.exists() and alive
+        assert not basicsr_log, 'nothing may be logged before BasicSR has set up its log file'
+        flushed = uopt._flushing_root_logger(lambda *a, **k: __import__('basicsr.utils', fromlist=['x'])
+                                             .get_root_logger())
+        flushed()
+    finally:
+        uopt._PENDING_RESUME.clear()
+        uopt._DEFERRED_LOG.clear()
+    text = '\n'.join(basicsr_log)
+    assert f'removed {stale}: the temporary file of a save that was interrupted' in text
+    assert 'skipping ' + str(exp / 'training_states' / '6.state') + ': it cannot be read' in text
+    assert 'skipping ' + str(exp / 'training_states' / '4.state') + ': ' in text and 'non-finite weights' in text
+    assert 'resuming from iteration 2, the newest complete checkpoint' in text
+
+
+def test_auto_resume_fallback_run_keeps_its_log(tiny_data, tmp_path):
+    """A real run: the newest state is torn, --auto_resume falls back, and the resumed run has its train_*.log."""
+    import glob
+
+    from conftest import run, tiny_options, write_options
+    opt = tiny_options(tiny_data, name='fallback', total_iter=4, logger__save_checkpoint_freq=2,
+                       val__val_freq=10**6, logger__use_tb_logger=False, datasets__train__dataset_enlarge_ratio=4)
+    opt_path = write_options(tmp_path / 'train.yml', opt)
+    run([PYTHON, '-m', 'yoda_plugin', 'train', '-opt', opt_path], cwd=tmp_path)
+    exp = tmp_path / 'experiments' / 'fallback'
+    (exp / 'training_states' / '4.state').write_bytes(b'\x80\x02 torn by a crash')
+    opt['train']['total_iter'] = 6
+    write_options(opt_path, opt)
+    proc = run([PYTHON, '-m', 'yoda_plugin', 'train', '-opt', opt_path, '--auto_resume'], cwd=tmp_path)
+    logs = sorted(glob.glob(str(exp / 'train_fallback_*.log')))
+    assert len(logs) == 2, 'the resumed run writes its own log file'
+    resumed = open(logs[-1], encoding='utf-8').read()
+    assert 'auto_resume: skipping' in resumed and '4.state: it cannot be read' in resumed
+    assert 'resuming from iteration 2' in resumed and 'Resuming training from epoch' in resumed
+    assert 'INFO: [fallb' in resumed and 'iter:       6' in resumed.replace('iter:      6', 'iter:       6')
+    assert 'auto_resume: skipping' in proc.stdout + proc.stderr  # and on the console
+    assert (exp / 'models' / 'net_g_6.pth').exists()
+
+
+# -- item 10: BasicSR's own runner on a CPU machine: torchrun and --auto_resume ----------------------------
+
+def test_basicsr_own_train_py_runs_torchrun_and_auto_resume_without_cuda(tiny_data, tmp_path):
+    import glob
+
+    import basicsr
+
+    from conftest import run, tiny_options, write_options, train_log
+    # basicsr/train.py run as a script (module __main__), as users run it; PyPI's basicsr 1.4.2 needs the
+    # torchvision alias to import at all, installed by hand so that yoda_plugin is imported by the option file.
+    # BasicSR's train.py puts experiments/ two folders above itself: a copy of it stands in a checkout-like
+    # folder under tmp_path.
+    import shutil
+    checkout = tmp_path / 'BasicSR'
+    (checkout / 'basicsr').mkdir(parents=True)
+    shutil.copy(os.path.join(os.path.dirname(basicsr.__file__), 'train.py'), checkout / 'basicsr' / 'train.py')
+    script = tmp_path / 'basicsr_train.py'
+    script.write_text(_SHIM + 'import runpy\n'
+                      f'sys.argv[0] = {str(checkout / "basicsr" / "train.py")!r}\n'
+                      'assert "yoda_plugin" not in sys.modules\n'
+                      'runpy.run_path(sys.argv[0], run_name="__main__")\n')
+    script = str(script)
+    opt = tiny_options(tiny_data, name='own', total_iter=2, logger__save_checkpoint_freq=2, val__val_freq=10**6,
+                       logger__use_tb_logger=False, datasets__train__dataset_enlarge_ratio=8)
+    opt_path = write_options(tmp_path / 'train.yml', opt)
+    proc = run([PYTHON, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', script, '-opt',
+                opt_path, '--launcher', 'pytorch'], cwd=tmp_path, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert 'ZeroDivisionError' not in out
+    exp = checkout / 'experiments' / 'own'
+    assert 'World size (gpu number): 2' in train_log(exp)
+    assert (exp / 'training_states' / '2.state').exists()
+    opt['train']['total_iter'] = 4
+    write_options(opt_path, opt)
+    proc = run([PYTHON, script, '-opt', opt_path, '--auto_resume'], cwd=tmp_path)
+    assert 'Found no NVIDIA driver' not in proc.stdout + proc.stderr
+    logs = sorted(glob.glob(str(exp / 'train_own_*.log')))
+    assert 'Resuming training from epoch' in open(logs[-1], encoding='utf-8').read()
+    assert (exp / 'models' / 'net_g_4.pth').exists()
+
+
+# -- item 8: a full disk during training: one line naming the path, exit code 2, nothing torn --------------
+
+def test_atomic_save_on_a_full_disk_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch):
+    from yoda_plugin.models import checkpoint
+    from yoda_plugin.utils import disk
+    path = str(tmp_path / 'net_g_2.pth')
+    checkpoint.atomic_torch_save({'params': {'w': torch.ones(2)}}, path)
+
+    def full_save(obj, f, *args, **kwargs):  # what torch says when the disk fills mid-write (measured)
+        open(f, 'wb').write(b'PK partial')
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534')
+
+    monkeypatch.setattr(checkpoint.torch, 'save', full_save)
+    monkeypatch.setattr(disk, 'free_bytes', lambda p: 0)
+    with pytest.raises(disk.DiskFullError) as info:
+        checkpoint.atomic_torch_save({'params': {'w': torch.zeros(2)}}, path)
+    assert str(info.value).startswith(f'no space left on {path}') and info.value.errno == 28
+    assert os.listdir(tmp_path) == ['net_g_2.pth']
+    assert torch.equal(torch.load(path, weights_only=True)['params']['w'], torch.ones(2))
+    # The same words with space to spare are a bug, not a full disk: raised as they are.
+    monkeypatch.setattr(disk, 'free_bytes', lambda p: 10 * 1024 ** 3)
+    with pytest.raises(RuntimeError, match='unexpected pos'):
+        checkpoint.atomic_torch_save({'params': {'w': torch.zeros(2)}}, path)
+
+
+def test_training_on_a_full_disk_exits_2_with_one_line(tiny_data, tmp_path):
+    from conftest import tiny_options, write_options
+    opt = tiny_options(tiny_data, name='full', total_iter=2, logger__save_checkpoint_freq=2, val__val_freq=10**6,
+                       logger__use_tb_logger=False)
+    opt_path = write_options(tmp_path / 'train.yml', opt)
+    # torch.save fails as on a full disk, and the file system reports no space: injected before the runner.
+    code = ('import sys, torch, errno\n'
+            'import yoda_plugin.utils.disk as disk\n'
+            'disk.free_bytes = lambda p: 0\n'
+            'def full(obj, f, *a, **k):\n'
+            '    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")\n'
+            'torch.save = full\n'
+            'sys.argv = ["train", "-opt", sys.argv[1]]\n'
+            'from yoda_plugin.train import main\n'
+            'main()\n')
+    proc = subprocess.run([PYTHON, '-c', code, opt_path], cwd=tmp_path, env=run_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: no space left on ') and 'net_g_2.pth' in last
+    assert 'Traceback' not in proc.stderr
+    assert not any(f.endswith('.pth') or '.tmp.' in f
+                   for f in os.listdir(tmp_path / 'experiments' / 'full' / 'models'))
+
+
+# -- item 9 (rest): inference needs no LPIPS weights and leaves no temporary folder ------------------------
+
+def test_inference_without_lpips_weights_leaves_no_temporary_folder(tiny_data, tmp_path):
+    import cv2
+    import numpy as np
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    from conftest import tiny_options, write_options
+    opt = tiny_options(tiny_data, name='inf')
+    opt['val']['metrics']['lpips'] = {'type': 'calculate_lpips', 'crop_border': 0, 'net': 'alex'}
+    net_opt = dict(opt['network_g'])
+    net = ARCH_REGISTRY.get(net_opt.pop('type'))(**net_opt)
+    torch.save({'params': net.state_dict(), 'params_ema': net.state_dict()}, tmp_path / 'net.pth')
+    opt['path']['pretrain_network_g'] = str(tmp_path / 'net.pth')
+    opt_path = write_options(tmp_path / 'inf.yml', opt)
+    (tmp_path / 'in').mkdir()
+    cv2.imwrite(str(tmp_path / 'in' / 'a.png'), np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8))
+    temp = tmp_path / 'temp'
+    temp.mkdir()
+    env = dict(run_env(), TMPDIR=str(temp), YODA_LPIPS_ALEXNET=str(tmp_path / 'absent_alexnet.pth'))
+    proc = subprocess.run([PYTHON, os.path.join(REPO, 'scripts', 'inference_yoda.py'), str(tmp_path / 'in'), '-o',
+                           str(tmp_path / 'out'), '--opt', opt_path, '--steps', '2', '--quiet'],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.listdir(tmp_path / 'out') == ['a.png']
+    assert os.listdir(temp) == [], 'no temporary folder is left behind'

@@ -89,7 +89,7 @@ def test_kill_and_auto_resume(tiny_data, tmp_path):
 def test_torchrun_two_cpu_processes_stay_in_sync(tiny_data, tmp_path):
     # BasicSR ends training after its computed epochs; enlarge the tiny set so 4 iterations happen.
     opt = tiny_options(tiny_data, name='dist', total_iter=4, logger__save_checkpoint_freq=2,
-                       datasets__train__dataset_enlarge_ratio=8)
+                       datasets__train__dataset_enlarge_ratio=8, val__tb_images=2)
     opt_path = write_options(tmp_path / 'train.yml', opt)
     run([PYTHON, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
          os.path.join(REPO, 'yoda_plugin', 'train.py'), '-opt', opt_path, '--launcher', 'pytorch'], cwd=tmp_path,
@@ -102,6 +102,12 @@ def test_torchrun_two_cpu_processes_stay_in_sync(tiny_data, tmp_path):
     assert 'Ranks in sync at iteration -1' not in log
     assert 'Validation tiny_val' in log
     assert log.count('# psnr') == 1 and '@ 4 iter' in log and '@ 5 iter' not in log and '@ 6 iter' not in log
+    # Rank 1 sampled the second validation image; rank 0 (the only tensorboard writer) logs it too.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / 'tb_logger' / 'dist'), size_guidance={'images': 0})
+    events.Reload()
+    assert sorted(events.Tags()['images']) == ['images/tiny_val/val_00', 'images/tiny_val/val_01']
+    assert [e.step for e in events.Images('images/tiny_val/val_01')] == [4]
 
 
 def test_last_iteration_off_the_validation_grid_is_validated_under_its_number(tiny_data, tmp_path):

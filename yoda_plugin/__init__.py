@@ -20,9 +20,10 @@ try:
 
     install_torchvision_shim()  # before anything imports basicsr 1.4.2
     from . import archs, data, losses, metrics, models  # noqa: F401  (registration)
-    from .compat import install_make_exp_dirs_fix
+    from .compat import install_basicsr_runner_fixes, install_make_exp_dirs_fix
 
     install_make_exp_dirs_fix()  # path.trust_checkpoint is a switch, not a folder to make
+    install_basicsr_runner_fixes()  # BasicSR's own train.py resumes and launches without CUDA
 except ModuleNotFoundError as err:
     if err.name is None or err.name.split('.')[0] not in _OPTIONAL:
         raise

@@ -88,3 +88,37 @@ def install_make_exp_dirs_fix() -> bool:
     func.__code__ = _make_exp_dirs.__code__
     func._yoda_path_switches = True
     return True
+
+
+def _is_basicsr_train_script(module) -> bool:
+    pipeline = getattr(module, 'train_pipeline', None)
+    code = getattr(pipeline, '__code__', None)
+    return code is not None and os.path.normpath(code.co_filename).endswith(os.path.join('basicsr', 'train.py'))
+
+
+def install_basicsr_runner_fixes() -> list:
+    """Let BasicSR's *own* runners work on a machine without CUDA once an option file has imported us.
+
+    Unpatched, BasicSR's ``load_resume_state`` (``--auto_resume`` or ``path.resume_state``) calls
+    ``torch.cuda.current_device()`` ("Found no NVIDIA driver"), and ``--launcher pytorch`` ends in
+    ``torch.cuda.set_device(rank % 0)`` (ZeroDivisionError). Both are looked up as module globals when
+    they are called, which is after BasicSR's ``parse_options`` has read the option file (and imported
+    us): ``basicsr.utils.options.init_dist`` and ``load_resume_state`` of ``basicsr.train`` and of a
+    ``basicsr/train.py`` run as a script (``__main__``) are replaced by their device-agnostic versions
+    (NCCL with CUDA, gloo without; states loaded with ``weights_only=True``). Returns what was patched.
+    """
+    import sys
+    try:
+        import basicsr.utils.options as bopt
+    except ImportError:
+        return []
+    from yoda_plugin.utils.options import init_dist_any_device, install_runner_fixes
+    patched = []
+    if getattr(bopt, 'init_dist', None) is not init_dist_any_device:
+        bopt.init_dist = init_dist_any_device
+        patched.append('basicsr.utils.options.init_dist')
+    for name in ('basicsr.train', '__main__'):
+        module = sys.modules.get(name)
+        if module is not None and _is_basicsr_train_script(module) and install_runner_fixes(module):
+            patched.append(f'{name}.load_resume_state')
+    return patched

@@ -29,8 +29,14 @@ from yoda_plugin.core.pipeline import DiffusionSR
 
 from .checkpoint import CheckpointMixin
 from .pipeline_options import apply_fast_paths, pipeline_from_sections
-from .sections import NAN_POLICIES, DiffusionConfig, FastPaths, ValOptions
+from .sections import DEFAULT_NAN_SKIP_LIMIT, NAN_POLICIES, DiffusionConfig, FastPaths, ValOptions
 from .validation import ValidationMixin
+
+
+def total_norm(tensors) -> torch.Tensor:
+    """The 2-norm of all ``tensors`` together: non-finite exactly when one of them has a NaN or Inf."""
+    norms = torch._foreach_norm(tensors) if hasattr(torch, '_foreach_norm') else [t.norm() for t in tensors]
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
@@ -41,8 +47,10 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
             sample_steps (T_eval), variance (posterior|beta), clip_denoised, continuous_noise_level.
         yoda: enabled, lower_bound, lr_noise (auto|marginal|fixed|posterior), mask_network_input.
             Absent or ``enabled: false``: vanilla diffusion.
-        train.nan_policy: ``raise`` (default) stops on a non-finite loss naming the iteration; ``skip``
-            drops that step.
+        train.nan_policy: ``raise`` (default) stops on a non-finite loss or gradient naming the iteration;
+            ``skip`` drops that step, and stops after ``train.nan_skip_limit`` (default 10) consecutive skipped
+            steps. Weights that turn non-finite after a step always stop the run, and no checkpoint with
+            non-finite weights is ever written.
         train/val.amp: autocast dtype of the network, null (float32), ``bf16`` or ``fp16`` (training with a
             GradScaler, its state saved in the training state); the loss and the diffusion arithmetic stay
             float32. train/val.channels_last, train/val.compile: fast paths of the trained / sampling network.
@@ -57,7 +65,8 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
     frozen_note = ''  # what the frozen parameters are (log)
     # Option keys read beyond BasicSR's own (sections: '' top level, 'train', 'path'); tests/test_options.py
     # accepts them, merged along the class hierarchy.
-    extra_option_keys = {'train': {'nan_policy', 'amp', 'channels_last', 'compile'}, 'path': {'trust_checkpoint'}}
+    extra_option_keys = {'train': {'nan_policy', 'nan_skip_limit', 'amp', 'channels_last', 'compile'},
+                         'path': {'trust_checkpoint'}}
 
     def __init__(self, opt):
         self.parse_options(opt)  # every section checked before a network is built
@@ -114,9 +123,15 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
     def parse_options(self, opt):
         for name, section in self.option_sections(opt).items():
             setattr(self, name, section)
-        self.nan_policy = (opt.get('train') or {}).get('nan_policy', 'raise')
+        train_opt = opt.get('train') or {}
+        self.nan_policy = train_opt.get('nan_policy', 'raise')
         if self.nan_policy not in NAN_POLICIES:
             raise ValueError(f'train.nan_policy must be one of {NAN_POLICIES}, got {self.nan_policy!r}')
+        self.nan_skip_limit = train_opt.get('nan_skip_limit', DEFAULT_NAN_SKIP_LIMIT)
+        if isinstance(self.nan_skip_limit, bool) or not isinstance(self.nan_skip_limit, int) or self.nan_skip_limit < 1:
+            raise ValueError(f'train.nan_skip_limit must be a positive integer (consecutive skipped steps before the '
+                             f'run stops), got {self.nan_skip_limit!r}')
+        self.skipped_in_a_row = 0
         self.schedule = self.diffusion.training_schedule()
 
     # -- devices, fast paths and optimisers --------------------------------------------------------
@@ -204,29 +219,65 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
         self.apply_loss(l_pix, inputs['mask'], current_iter)
 
     def apply_loss(self, l_pix, mask, current_iter):
-        """NaN policy, backward (GradScaler with fp16), optimizer step, loss log and EMA update."""
-        if not torch.isfinite(l_pix):
-            msg = f'non-finite training loss ({l_pix.item()}) at iteration {current_iter}'
-            if self.nan_policy == 'skip':
-                get_root_logger().warning(msg + ': step skipped (train.nan_policy: skip)')
-                self.optimizer_g.zero_grad(set_to_none=True)
-                self.log_dict = OrderedDict(l_pix=float('nan'), skipped=1.0)
-                return
-            raise FloatingPointError(msg + '; weights were not updated. Lower the learning rate or set '
-                                     'train.nan_policy: skip')
+        """NaN policy, backward (GradScaler with fp16), optimizer step, loss log and EMA update.
+
+        Checked every step, with one decision for all ranks (gradients are averaged across ranks before the
+        check; the loss flag is reduced): a non-finite loss or gradient is skipped or raised by
+        ``train.nan_policy``; weights that are non-finite after the step stop the run (nothing is saved).
+        """
+        if not self._all_ranks_finite(l_pix.detach()):
+            return self._non_finite_step(f'non-finite training loss ({l_pix.item()})', current_iter)
+        params = [p for p in self.get_bare_model(self.net_g).parameters() if p.requires_grad]
         if self.grad_scaler is not None:
+            # The scaler skips steps whose scaled gradients overflow (and lowers the scale): fp16's own policy.
             self.grad_scaler.scale(l_pix).backward()
             self.grad_scaler.step(self.optimizer_g)
             self.grad_scaler.update()
         else:
             l_pix.backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads and not bool(torch.isfinite(total_norm(grads))):
+                return self._non_finite_step(f'non-finite gradients (loss {l_pix.item():.6g} is finite)',
+                                             current_iter)
             self.optimizer_g.step()
+        if params and not bool(torch.isfinite(total_norm([p.detach() for p in params]))):
+            raise FloatingPointError(
+                f'the weights are non-finite after the optimizer step at iteration {current_iter} (the loss '
+                f'{l_pix.item():.6g} and its gradients were finite): the run stops before any checkpoint of them is '
+                f'written; lower train.optim_g.lr or resume from the last checkpoint (--auto_resume)')
+        self.skipped_in_a_row = 0
         loss_dict = OrderedDict(l_pix=l_pix.detach())
         if mask is not None:
             loss_dict['mask_ratio'] = mask.mean().detach()
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if self.ema_decay > 0:
             self.model_ema(decay=self.ema_decay)
+
+    def _all_ranks_finite(self, value: torch.Tensor) -> bool:
+        """``value`` is finite on every rank (one flag reduced across a distributed run)."""
+        finite = torch.isfinite(value).all().to(torch.float32).reshape(1)
+        if self.opt.get('dist'):
+            import torch.distributed as dist
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item() > 0)
+
+    def _non_finite_step(self, what: str, current_iter):
+        """``train.nan_policy``: drop this step (up to ``train.nan_skip_limit`` in a row) or stop."""
+        self.optimizer_g.zero_grad(set_to_none=True)
+        msg = f'{what} at iteration {current_iter}'
+        if self.nan_policy != 'skip':
+            raise FloatingPointError(msg + '; weights were not updated. Lower the learning rate or set '
+                                     'train.nan_policy: skip')
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= self.nan_skip_limit:
+            raise FloatingPointError(
+                f'{msg}: {self.skipped_in_a_row} steps in a row skipped (train.nan_skip_limit: {self.nan_skip_limit}); '
+                f'the run has diverged and stops (weights of the last checkpoint are finite; lower train.optim_g.lr '
+                f'and resume with --auto_resume)')
+        get_root_logger().warning(f'{msg}: step skipped (train.nan_policy: skip; {self.skipped_in_a_row} in a row, '
+                                  f'the run stops at {self.nan_skip_limit})')
+        self.log_dict = OrderedDict(l_pix=float('nan'), skipped=1.0)
 
     # -- sampling ----------------------------------------------------------------------------------
     def sampling_net(self):

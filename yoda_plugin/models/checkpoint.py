@@ -18,16 +18,66 @@ from basicsr.utils.dist_util import master_only
 
 
 def atomic_torch_save(obj, path: str):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a torn checkpoint."""
-    tmp = f'{path}.tmp.{os.getpid()}'
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a torn checkpoint.
+
+    A full disk raises :class:`~yoda_plugin.utils.disk.DiskFullError` naming ``path`` (torch's own words are
+    "enforce fail ... unexpected pos"); the previous file of that name, if any, is left as it was.
+    """
+    from yoda_plugin.utils.disk import raise_if_disk_full
+    tmp = f'{path}{TMP_INFIX}{os.getpid()}'
     try:
         torch.save(obj, tmp)
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (RuntimeError, OSError) as err:
+        raise_if_disk_full(err, path)  # before the partial file is removed: its space is the evidence
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# Temporary files of atomic_torch_save are named <final name>.tmp.<pid>.
+TMP_INFIX = '.tmp.'
+
+
+def remove_stale_temporary_files(folder: str) -> list:
+    """Remove the ``*.tmp.<pid>`` files in ``folder`` that no running process of this machine is writing.
+
+    They are left behind when a run is killed mid-save (the final files are never torn). Returns the removed
+    paths. A file whose writer is alive, or whose pid cannot be checked, is kept.
+    """
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        stem, sep, pid = name.rpartition(TMP_INFIX)
+        if not sep or not stem or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # another user's process, or no way to tell: keep its file
+    return True
+
+
+def non_finite_tensors(state: dict) -> list:
+    """Keys of the floating-point tensors in ``state`` that hold a NaN or Inf."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 TRUST_SWITCH = ('"path: {trust_checkpoint: true}" in the option file (YODAResolver: trust_checkpoint=True; '
@@ -256,10 +306,15 @@ class CheckpointMixin:
         nets = net if isinstance(net, list) else [net]
         keys = param_key if isinstance(param_key, list) else [param_key]
         save_dict = {}
+        path = osp.join(self.opt['path']['models'], f'{net_label}_{current_iter}.pth')
         for net_, key in zip(nets, keys):
             state = _strip_module(self.get_bare_model(net_).state_dict())
             save_dict[key] = OrderedDict((k, v.cpu()) for k, v in state.items())
-        atomic_torch_save(save_dict, osp.join(self.opt['path']['models'], f'{net_label}_{current_iter}.pth'))
+            bad = non_finite_tensors(save_dict[key])
+            if bad:  # never write a checkpoint that a resume (or a user) would take for a good one
+                raise FloatingPointError(f'refusing to save {path}: {len(bad)} tensor(s) of {key} hold NaN or Inf '
+                                         f'(e.g. {bad[:4]}); the previous checkpoints are kept')
+        atomic_torch_save(save_dict, path)
 
     @master_only
     def save_training_state(self, epoch, current_iter):

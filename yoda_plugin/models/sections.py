@@ -27,6 +27,7 @@ from yoda_plugin.core.tiling import TilingConfig
 
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 NAN_POLICIES = ('raise', 'skip')
+DEFAULT_NAN_SKIP_LIMIT = 10  # consecutive skipped steps (train.nan_skip_limit) before a skipping run stops
 
 
 def _is_int(v) -> bool:

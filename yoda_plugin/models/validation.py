@@ -96,9 +96,9 @@ class ValidationMixin:
             imwrite(sr_img, osp.join(folder, f'{img_name}_{suffix}.png'))
             if val_opt.save_attention and 'attention' in visuals:
                 imwrite(tensor2img([visuals['attention']]), osp.join(folder, f'{img_name}_attention.png'))
-        if tb_logger is not None and idx < val_opt.tb_images:
-            self._log_images(tb_logger, dataset_name, img_name, visuals, current_iter)
         row = {'index': idx, 'image': img_name}
+        if self._tb_images_wanted and idx < val_opt.tb_images:  # logged by rank 0, whichever rank sampled it
+            row['tb_strip'] = self._image_strip(visuals)
         for name, opt_ in metrics_opt.items():
             data = metric_data
             if lq_img is not None and metric_takes_lq(opt_):  # e.g. calculate_lr_psnr: LR consistency
@@ -120,6 +120,10 @@ class ValidationMixin:
         metrics_opt = self.val_opt.metrics or {}
         indices = range(rank, len(dataset), world_size)
         pbar = tqdm(total=len(indices), unit='image') if self.val_opt.pbar and rank == 0 else None
+        # Only rank 0 holds BasicSR's tensorboard logger; the other ranks decide as BasicSR's init_tb_loggers does.
+        logger_opt = self.opt.get('logger') or {}
+        self._tb_images_wanted = tb_logger is not None if world_size == 1 else bool(
+            self.opt.get('is_train') and logger_opt.get('use_tb_logger') and 'debug' not in self.opt['name'])
         rows = []
         for idx in indices:
             rows.append(self._sample_row(idx, default_collate([dataset[idx]]), dataset_name, current_iter, tb_logger,
@@ -133,6 +137,10 @@ class ValidationMixin:
             from mmengine.dist import all_gather_object
             rows = [r for part in all_gather_object(rows) for r in part]
         rows.sort(key=lambda r: r['index'])  # summation order of a single process: identical means
+        strips = [(r['image'], r.pop('tb_strip')) for r in rows if 'tb_strip' in r]
+        if tb_logger is not None:
+            for img_name, strip in strips:
+                tb_logger.add_image(f'images/{dataset_name}/{img_name}', strip, current_iter)
         count = max(len(rows), 1)
         self.metric_results = {name: sum(r[name] for r in rows) / count for name in metrics_opt}
         self.val_extra = {'update_ratio': sum(r['update_ratio'] for r in rows) / count,
@@ -203,11 +211,11 @@ class ValidationMixin:
         return osp.join(vis, dataset_name), self.val_opt.suffix or self.opt['name']
 
     @staticmethod
-    def _log_images(tb_logger, dataset_name, img_name, visuals, current_iter):
-        # One strip per image: bicubic-upsampled LR | SR | HR (| attention).
+    def _image_strip(visuals) -> torch.Tensor:
+        """The tensorboard image of one sample: bicubic-upsampled LR | SR | HR (| attention), CHW in [0, 1]."""
         tiles = [visuals['lq_up'][0], visuals['result'][0]]
         if 'gt' in visuals:
             tiles.append(visuals['gt'][0])
         if 'attention' in visuals:
             tiles.append(visuals['attention'][0].expand(3, -1, -1))
-        tb_logger.add_image(f'images/{dataset_name}/{img_name}', torch.cat(tiles, dim=2).clamp(0, 1), current_iter)
+        return torch.cat(tiles, dim=2).clamp(0, 1)

@@ -93,47 +93,129 @@ def close_process_group():
         dist.destroy_process_group()
 
 
+# Messages said before BasicSR has set up its logger (its get_root_logger, called early, would initialise the
+# "basicsr" logger without the log file and at WARNING level: the run's whole log would be lost). They are
+# logged by the first get_root_logger call of the training pipeline (see install_runner_fixes).
+_DEFERRED_LOG = []
+
+
+def _log_when_ready(level: str, message: str):
+    _DEFERRED_LOG.append((level, message))
+
+
+def _flushing_root_logger(get_root_logger):
+    """BasicSR's ``get_root_logger`` that first logs what was said before the log file existed."""
+    if getattr(get_root_logger, '_yoda_flushes', False):
+        return get_root_logger
+
+    def wrapped(*args, **kwargs):
+        logger = get_root_logger(*args, **kwargs)
+        while _DEFERRED_LOG:
+            level, message = _DEFERRED_LOG.pop(0)
+            getattr(logger, level)(message)
+        return logger
+
+    wrapped._yoda_flushes = True
+    wrapped.__wrapped__ = get_root_logger
+    return wrapped
+
+
+def _resume_candidate_problem(state_path: str, model_path: str, device):
+    """``(state, None)`` if the pair can be resumed from, else ``(None, why not)``."""
+    from yoda_plugin.models.checkpoint import load_checkpoint, non_finite_tensors
+    if not os.path.isfile(model_path):
+        return None, f'its {os.path.basename(model_path)} is missing'
+    try:
+        weights = load_checkpoint(model_path)
+    except (ValueError, OSError) as err:
+        return None, f'{model_path} cannot be read ({err})'
+    nets = {k: v for k, v in weights.items() if isinstance(v, dict)} if isinstance(weights, dict) else {}
+    bad = {k: non_finite_tensors(v) for k, v in nets.items()}
+    bad = {k: v for k, v in bad.items() if v}
+    if bad:
+        return None, f'{model_path} holds non-finite weights ({", ".join(f"{k}: {v[:3]}" for k, v in bad.items())})'
+    try:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001  (any unreadable file is skipped, with its reason)
+        return None, f'it cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ""})'
+    if not isinstance(state, dict) or not {'iter', 'epoch', 'optimizers'} <= set(state):
+        return None, 'it is not a BasicSR training state (no iter/epoch/optimizers)'
+    return state, None
+
+
 def load_resume_state_any_device(opt):
     """BasicSR's ``load_resume_state`` without its CUDA assumption, and picky about completeness.
 
-    With ``--auto_resume`` it takes the newest ``<iter>.state`` whose weights
-    ``net_g_<iter>.pth`` also exist (states are written after the weights,
-    both atomically, so that pair is complete). Loaded with ``weights_only=True``
-    onto the GPU when there is one, else the CPU.
+    With ``--auto_resume`` it takes the newest ``<iter>.state`` that loads, whose weights
+    ``net_g_<iter>.pth`` exist, load and are finite; newer unusable pairs are skipped with a
+    warning naming why (states are written after the weights, both atomically, so a crash leaves
+    at most an incomplete newest pair). Leftover ``*.tmp.<pid>`` files of killed saves are removed
+    (rank 0). Loaded with ``weights_only=True`` onto the GPU when there is one, else the CPU.
+    Everything it has to say is logged once BasicSR's logger has its log file.
     """
-    from basicsr.utils import get_root_logger
     from basicsr.utils import check_resume
-    path = None
-    if opt.get('auto_resume'):
-        state_dir = opt['path'].get('training_states') or os.path.join('experiments', opt['name'], 'training_states')
-        model_dir = opt['path'].get('models') or os.path.join('experiments', opt['name'], 'models')
-        if os.path.isdir(state_dir):
-            iters = sorted((int(f[:-len('.state')]) for f in os.listdir(state_dir)
-                            if f.endswith('.state') and f[:-len('.state')].isdigit()), reverse=True)
-            for it in iters:
-                if os.path.isfile(os.path.join(model_dir, f'net_g_{it}.pth')):
-                    path = os.path.join(state_dir, f'{it}.state')
-                    break
-                get_root_logger().warning(f'auto_resume: skipping {it}.state, its net_g_{it}.pth is missing')
-        if path is not None:
-            opt['path']['resume_state'] = path
-    elif opt['path'].get('resume_state'):
-        path = opt['path']['resume_state']
-    if path is None:
-        return None
+    from basicsr.utils.dist_util import get_dist_info
+
+    from yoda_plugin.models.checkpoint import remove_stale_temporary_files
     if torch.cuda.is_available():
         device = torch.device('cuda', torch.cuda.current_device())
     else:
         device = torch.device('cpu')
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f'cannot load the training state {path}: {err}') from err
+    paths = opt.get('path') or {}
+    state_dir = paths.get('training_states') or os.path.join('experiments', opt['name'], 'training_states')
+    model_dir = paths.get('models') or os.path.join('experiments', opt['name'], 'models')
+    if get_dist_info()[0] == 0:
+        for folder in (state_dir, model_dir):
+            for removed in remove_stale_temporary_files(folder):
+                _log_when_ready('warning', f'removed {removed}: the temporary file of a save that was interrupted')
+    path, state = None, None
+    if opt.get('auto_resume'):
+        iters = []
+        if os.path.isdir(state_dir):
+            iters = sorted((int(f[:-len('.state')]) for f in os.listdir(state_dir)
+                            if f.endswith('.state') and f[:-len('.state')].isdigit()), reverse=True)
+        for it in iters:
+            candidate = os.path.join(state_dir, f'{it}.state')
+            state, why = _resume_candidate_problem(candidate, os.path.join(model_dir, f'net_g_{it}.pth'), device)
+            if state is not None:
+                path = candidate
+                if it != iters[0]:
+                    _log_when_ready('warning', f'auto_resume: resuming from iteration {it}, the newest complete '
+                                               f'checkpoint ({candidate})')
+                break
+            _log_when_ready('warning', f'auto_resume: skipping {candidate}: {why}; trying the previous one')
+        if path is not None:
+            opt['path']['resume_state'] = path
+        elif iters:
+            _log_when_ready('warning', f'auto_resume: none of the {len(iters)} training state(s) in {state_dir} is '
+                                       f'usable (see above): training starts from iteration 0')
+    elif paths.get('resume_state'):
+        path = paths['resume_state']
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'path.resume_state: {path} does not exist')
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except Exception as err:
+            raise RuntimeError(f'cannot load the training state {path} (path.resume_state): {err}') from err
+    if path is None:
+        return None
     check_resume(opt, state['iter'])
     train_opt = (opt.get('datasets') or {}).get('train') or {}
     _PENDING_RESUME.update(epoch=int(state['epoch']), iter=int(state['iter']),
                            batch_size=int(train_opt.get('batch_size_per_gpu', 1)))
     return state
+
+
+def install_runner_fixes(module) -> bool:
+    """Make a BasicSR training runner module (``basicsr.train``, or its train.py run as ``__main__``) resume on
+    any device and keep its log. Only that module's globals change. Returns True when it was such a module."""
+    if module is None or not callable(getattr(module, 'load_resume_state', None)) \
+            or not callable(getattr(module, 'train_pipeline', None)):
+        return False
+    module.load_resume_state = load_resume_state_any_device
+    if callable(getattr(module, 'get_root_logger', None)):
+        module.get_root_logger = _flushing_root_logger(module.get_root_logger)
+    return True
 
 
 # Where a resumed run must continue inside its epoch; read once by the train sampler.
@@ -202,7 +284,7 @@ def patch_basicsr_runner():
     import basicsr.utils.options as bopt
     bopt.ordered_yaml = lambda: (SafeOptionLoader, yaml.SafeDumper)
     bopt.init_dist = init_dist_any_device
-    btrain.load_resume_state = load_resume_state_any_device
+    install_runner_fixes(btrain)
     btrain.EnlargedSampler = _resumable_sampler_class()
     if not getattr(btrain.build_dataloader, '_yoda_wrapped', False):
         btrain.build_dataloader = _build_dataloader_own_generator(btrain.build_dataloader)
