@@ -1,21 +1,23 @@
-"""Every option file under options/ (recursively) parses, builds and has no unknown key.
+"""Every option file under options/ (recursively) parses, builds and passes the runners' option check.
 
-For each file: the safe loader parses it; the top-level, ``path``, ``train`` and
-``logger`` keys are known ones; every ``network_*`` is built at full size on
-the ``meta`` device (no memory, exact configuration) and the model class of
-``model_type`` is built on CPU with tiny networks (``is_train`` and a temporary
-``path`` section as BasicSR's ``parse_options`` makes them, no pretrained
-weights); every dataset section is constructed by its registered class inside
-an empty directory, so the only acceptable failure is the missing data
-(FileNotFoundError) and unknown keys or bad values fail; metric options are
-checked against their functions' parameters; attention_meta names a registered
-attention source with its own parameters. Generic over model types: SRDiff
-option files are covered the same way. A model class may declare extra allowed
-keys with a class attribute ``extra_option_keys = {'': {...}, 'train': {...}}``.
+For each file: the safe loader parses it; the whole-tree check our runners run after
+BasicSR's ``parse_options`` (:func:`yoda_plugin.utils.option_check.check_option_tree`:
+known keys of every section, required keys and types, registered types, metric
+options against their functions' parameters, attention_meta against its source's
+parameters, our models' sections) passes on the tree ``parse_options`` makes of it;
+every ``network_*`` is built at full size on the ``meta`` device (no memory, exact
+configuration) and the model class of ``model_type`` is built on CPU with tiny
+networks (``is_train`` and a temporary ``path`` section as BasicSR's
+``parse_options`` makes them, no pretrained weights); every dataset section is
+constructed by its registered class inside an empty directory, so the only
+acceptable failure is the missing data (FileNotFoundError) and bad values fail.
+Generic over model types: SRDiff option files are covered the same way. A model
+class may declare extra allowed keys with a class attribute
+``extra_option_keys = {'': {...}, 'train': {...}}`` (merged along its bases); the
+known keys live in the library (option_check), not here.
 """
 import copy
 import glob
-import inspect
 import os
 import subprocess
 
@@ -25,25 +27,10 @@ import torch
 from conftest import PYTHON, REPO, run_env
 
 import yoda_plugin  # noqa: F401
+from yoda_plugin.utils.option_check import check_option_tree, model_extra_keys, unknown_keys
 from yoda_plugin.utils.options import load_options
 
 OPTION_FILES = sorted(glob.glob(os.path.join(REPO, 'options', '**', '*.yml'), recursive=True))
-
-BASICSR_TOP_KEYS = {
-    'name', 'model_type', 'scale', 'num_gpu', 'manual_seed', 'datasets', 'path', 'train', 'val', 'logger',
-    'dist_params', 'find_unused_parameters', 'use_static_graph', 'is_train', 'dist', 'rank', 'world_size',
-    'auto_resume', 'root_path'
-}
-PLUGIN_TOP_KEYS = {'yoda_plugin', 'diffusion', 'yoda'}
-PATH_KEYS = {'resume_state', 'ignore_resume_networks', 'experiments_root', 'models', 'training_states', 'log',
-             'visualization', 'results_root'}
-PATH_PREFIXES = ('pretrain_network_', 'strict_load_', 'param_key_')
-TRAIN_KEYS = {'ema_decay', 'total_iter', 'warmup_iter', 'scheduler', 'net_d_iters', 'net_d_init_iters', 'nan_policy'}
-LOGGER_KEYS = {'print_freq', 'save_checkpoint_freq', 'use_tb_logger', 'wandb'}
-
-# Sections/keys that model classes read beyond BasicSR's and SR3Model's (a class may instead declare them
-# itself as ``extra_option_keys``; both are merged).
-MODEL_EXTRA_KEYS = {'SRDiffModel': {'': {'srdiff'}, 'train': {'freeze_rrdb'}}}
 
 # Shrink known architectures for the CPU model build (the full size is checked on the meta device).
 TINY_NETWORKS = {'SR3UNet': {'base_channels': 16, 'norm_groups': 8, 'num_res_blocks': 1}}
@@ -51,36 +38,6 @@ TINY_NETWORKS = {'SR3UNet': {'base_channels': 16, 'norm_groups': 8, 'num_res_blo
 
 def _rel(path):
     return os.path.relpath(path, REPO)
-
-
-def _model_extra_keys(model_type):
-    from basicsr.utils.registry import MODEL_REGISTRY
-    cls = MODEL_REGISTRY.get(model_type)
-    extra = {}
-    for klass in cls.__mro__:  # a subclass adds to what its bases read
-        for section, keys in (vars(klass).get('extra_option_keys') or {}).items():
-            extra[section] = extra.get(section, set()) | set(keys)
-    for section, keys in MODEL_EXTRA_KEYS.get(model_type, {}).items():
-        extra[section] = extra.get(section, set()) | set(keys)
-    return extra
-
-
-def _unknown_keys(opt, extra):
-    bad = []
-    for key in opt:
-        if key not in BASICSR_TOP_KEYS | PLUGIN_TOP_KEYS | set(extra.get('', ())) and not key.startswith('network_'):
-            bad.append(key)
-    for key in opt.get('path') or {}:
-        if key not in PATH_KEYS | set(extra.get('path', ())) and not key.startswith(PATH_PREFIXES):
-            bad.append(f'path.{key}')
-    for key in opt.get('train') or {}:
-        if key not in TRAIN_KEYS | set(extra.get('train', ())) and not key.startswith('optim_') \
-                and not key.endswith('_opt'):
-            bad.append(f'train.{key}')
-    for key in opt.get('logger') or {}:
-        if key not in LOGGER_KEYS | set(extra.get('logger', ())):
-            bad.append(f'logger.{key}')
-    return bad
 
 
 def _basicsr_like(opt, is_train, root):
@@ -101,32 +58,6 @@ def _basicsr_like(opt, is_train, root):
         res = os.path.join(root, 'results', opt['name'])
         path.update(results_root=res, log=res, visualization=os.path.join(res, 'visualization'))
     return opt
-
-
-def _check_metrics(opt):
-    from basicsr.utils.registry import METRIC_REGISTRY
-    for name, mopt in ((opt.get('val') or {}).get('metrics') or {}).items():
-        assert 'type' in mopt, f'val.metrics.{name} has no type'
-        assert mopt['type'] in METRIC_REGISTRY, f'val.metrics.{name}: unknown metric type {mopt["type"]!r}'
-        params = inspect.signature(METRIC_REGISTRY.get(mopt['type'])).parameters
-        named = {p for p, v in params.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)}
-        unknown = sorted(set(mopt) - {'type'} - named)
-        assert not unknown, f'val.metrics.{name}: unknown option(s) {unknown} for {mopt["type"]}'
-
-
-def _check_attention_meta(ds, where):
-    from yoda_plugin.attention import ATTENTION_SOURCES, _init_parameters
-    meta = ds.get('attention_meta')
-    if not meta:
-        return
-    source = dict(meta.get('source') or {})
-    assert set(meta) <= {'source', 'grid', 'size', 'scale', 'resize', 'format', 'encoding'}, \
-        f'{where}.attention_meta has unknown field(s) {sorted(meta)}'
-    assert source.get('name') in ATTENTION_SOURCES, \
-        f'{where}.attention_meta.source.name {source.get("name")!r} is no registered attention source'
-    accepted = {p.name for p in _init_parameters(ATTENTION_SOURCES[source['name']])}
-    unknown = sorted(set(source) - {'name'} - accepted)
-    assert not unknown, f'{where}.attention_meta.source: {unknown} are no parameters of {source["name"]}'
 
 
 def test_option_files_found():
@@ -163,10 +94,10 @@ def check_option_file(path, tmp_path):
     for key in ('name', 'model_type', 'datasets', 'network_g'):
         assert key in opt, f'{key} is missing'
     assert opt['model_type'] in MODEL_REGISTRY, f'unknown model_type {opt["model_type"]}'
-    bad = _unknown_keys(opt, _model_extra_keys(opt['model_type']))
-    assert not bad, f'unknown option key(s): {bad}'
-
     is_train = 'train' in opt
+    # The runners' whole-tree check (yoda_plugin/utils/option_check.py) on the tree BasicSR's parse_options makes.
+    check_option_tree(_basicsr_like(opt, is_train, str(tmp_path / 'root')), is_train, _rel(path), cuda_devices=0)
+
     phases = {p.split('_')[0] for p in opt['datasets']}
     if is_train:
         assert 'train' in phases, 'a train section without a train dataset'
@@ -200,7 +131,6 @@ def check_option_file(path, tmp_path):
     assert model.device.type == 'cpu'
     if is_train:
         assert model.optimizers and model.schedulers
-    _check_metrics(opt)
 
     # Datasets: constructed where no data exist, so only FileNotFoundError is acceptable.
     empty = tmp_path / 'empty'
@@ -219,12 +149,6 @@ def _check_datasets(mopt):
     for phase, ds in mopt['datasets'].items():
         where = f'datasets.{phase}'
         assert ds.get('type') in DATASET_REGISTRY, f'{where}.type {ds.get("type")!r} is not registered'
-        module = inspect.getmodule(DATASET_REGISTRY.get(ds['type']))
-        known = set().union(*(v for k, v in vars(module).items() if k.endswith('_DATASET_KEYS') and isinstance(v, set)))
-        if known:
-            unknown = sorted(set(ds) - known)
-            assert not unknown, f'{where}: unknown key(s) {unknown}'
-        _check_attention_meta(ds, where)
         assert not any(os.path.isabs(str(ds.get(k, ''))) for k in ds if k.startswith('dataroot')), \
             f'{where}: absolute data paths are not portable'
         with pytest.raises(FileNotFoundError):
@@ -232,12 +156,14 @@ def _check_datasets(mopt):
 
 
 @pytest.mark.parametrize('edit, error', [
-    (('diffusion:', 'diffusio:'), 'unknown option key'),                       # top-level typo
-    (('    dataroot_attention:', '    dataroot_attentoin:'), 'unknown'),         # dataset key typo
-    (('  lower_bound: 0.4', '  lower_bund: 0.4'), 'unknown option'),           # yoda section typo
-    (('  norm_groups: 32', '  norm_groups: 7'), 'norm_groups'),                # network value
-    (('    psnr: {type: calculate_psnr,', '    psnr: {type: calculate_psnr, weight: 1,'), 'unknown option'),
-    (('  print_freq: 200', '  print_frq: 200'), 'logger.print_frq'),
+    (('diffusion:', 'diffusio:'), 'unknown key diffusio (did you mean diffusion?)'),              # top-level typo
+    (('    dataroot_attention:', '    dataroot_attentoin:'),
+     'unknown key datasets.train.dataroot_attentoin (did you mean datasets.train.dataroot_attention?)'),
+    (('  lower_bound: 0.4', '  lower_bund: 0.4'), 'yoda.lower_bund (did you mean yoda.lower_bound?)'),
+    (('  norm_groups: 32', '  norm_groups: 7'), 'norm_groups'),                                    # network value
+    (('    psnr: {type: calculate_psnr,', '    psnr: {type: calculate_psnr, weight: 1,'),
+     'unknown key val.metrics.psnr.weight'),
+    (('  print_freq: 200', '  print_frq: 200'), 'unknown key logger.print_frq (did you mean logger.print_freq?)'),
 ], ids=['top', 'dataset', 'yoda', 'network', 'metric', 'logger'])
 def test_checks_catch_mistakes(tmp_path, edit, error):
     """The checks are not vacuous: one typo in a copy of the main option file fails them."""
@@ -251,9 +177,10 @@ def test_checks_catch_mistakes(tmp_path, edit, error):
 
 
 def test_model_specific_keys_are_known_along_the_class_hierarchy():
-    sr3 = _model_extra_keys('SR3Model')
-    assert {'amp', 'nan_policy'} <= sr3['train'] and 'trust_checkpoint' in sr3['path']
-    srdiff = _model_extra_keys('SRDiffModel')
+    sr3 = model_extra_keys('SR3Model')
+    assert {'amp', 'nan_policy', 'nan_skip_limit'} <= sr3['train'] and 'trust_checkpoint' in sr3['path']
+    srdiff = model_extra_keys('SRDiffModel')
     assert {'amp', 'freeze_rrdb'} <= srdiff['train'] and 'srdiff' in srdiff['']
     opt = {'name': 'x', 'train': {'amp': 'bf16', 'amp_typo': 1}, 'path': {'trust_checkpoint': False}}
-    assert _unknown_keys(opt, sr3) == ['train.amp_typo']
+    assert unknown_keys(opt, sr3) == ['unknown key train.amp_typo']
+    assert unknown_keys(opt, srdiff) == unknown_keys(opt, sr3)

@@ -195,8 +195,9 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
             self.gt = data['gt'].to(self.device)
         self.attention = data['attention'].to(self.device) if 'attention' in data else None
         if self.yoda.enabled and self.attention is None:
-            raise ValueError('YODA is enabled (yoda.enabled: true) but the dataset returns no attention map: '
-                             'set dataroot_attention in the dataset options')
+            raise ValueError('YODA is enabled (yoda.enabled: true) but the dataset returns no attention map: use '
+                             'datasets.<phase>.type: YODAPairedDataset with dataroot_attention (BasicSR\'s datasets, '
+                             'e.g. PairedImageDataset, return none), or yoda: {enabled: false}')
 
     # -- training ----------------------------------------------------------------------------------
     def train_adapter(self):

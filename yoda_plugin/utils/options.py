@@ -22,6 +22,10 @@ class SafeOptionLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader, node):
+    if not getattr(loader, '_yoda_duplicates_checked', False):  # the first mapping is the root: check the file once
+        loader._yoda_duplicates_checked = True
+        from .option_check import refuse_duplicate_keys
+        refuse_duplicate_keys(node)  # a repeated key (PyYAML keeps the last) is an error naming it and both lines
     return OrderedDict(loader.construct_pairs(node))
 
 
@@ -285,6 +289,8 @@ def patch_basicsr_runner():
     bopt.ordered_yaml = lambda: (SafeOptionLoader, yaml.SafeDumper)
     bopt.init_dist = init_dist_any_device
     install_runner_fixes(btrain)
+    from .option_check import install_option_check
+    install_option_check()  # the whole option tree checked after parse_options, before anything is made
     btrain.EnlargedSampler = _resumable_sampler_class()
     if not getattr(btrain.build_dataloader, '_yoda_wrapped', False):
         btrain.build_dataloader = _build_dataloader_own_generator(btrain.build_dataloader)

@@ -1,0 +1,225 @@
+"""The runners' whole-tree option check (yoda_plugin/utils/option_check.py), one test per case of issue 16 item 7.
+
+Each bad option file is refused with a message naming the file and the key (and the closest known key or the
+expected type), exit code 2, and nothing is created on disk. Most cases run in-process through BasicSR's real
+``parse_options`` wrapped by our check (as ``basicsr.train`` / ``basicsr.test`` have it in our runners; BasicSR's
+seeding is stubbed so the test session's RNGs are untouched); a few run ``yoda_plugin/train.py`` / ``test.py``
+(or ``python -m yoda_plugin``) as subprocesses. No data are needed: the check runs before any is read.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import PYTHON, REPO, run_env, tiny_options, write_options
+
+from yoda_plugin.utils import option_check
+from yoda_plugin.utils.option_check import OptionError, check_option_tree, checked_parse_options
+from yoda_plugin.utils.options import SafeOptionLoader, load_options
+
+DATA = os.path.join('nonexistent', 'data')  # never read: the check comes first
+
+
+def _tree(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, dirs, files in os.walk(root) for f in files + dirs)
+
+
+def _write(tmp_path, text, name='train_bad.yml'):
+    path = tmp_path / name
+    path.write_text(text, encoding='utf-8')
+    return str(path)
+
+
+def _options_text(tmp_path, train=True, **overrides):
+    opt = tiny_options(DATA, name='bad', **overrides)
+    if not train:
+        del opt['train'], opt['logger'], opt['datasets']['train']
+        opt['datasets'] = {'test_1': opt['datasets']['val']}
+        opt['val'].pop('val_freq')
+    write_options(tmp_path / 'scratch.yml', opt)
+    text = (tmp_path / 'scratch.yml').read_text(encoding='utf-8')
+    (tmp_path / 'scratch.yml').unlink()
+    return text
+
+
+@pytest.fixture
+def refused(tmp_path, monkeypatch, capsys):
+    """``refused(path, *args, is_train=True)``: run the checked ``parse_options`` as our runners do; it must exit 2
+    with nothing created; returns the stderr line."""
+    import basicsr.utils.options as bopt
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bopt, 'ordered_yaml', lambda: (SafeOptionLoader, yaml.SafeDumper))
+    monkeypatch.setattr(bopt, 'set_random_seed', lambda seed: None)
+
+    def run(path, *args, is_train=True, ok=False):
+        monkeypatch.setattr(sys, 'argv', ['train.py' if is_train else 'test.py', '-opt', path, *args])
+        before = _tree(tmp_path)
+        parse = checked_parse_options(bopt.parse_options)
+        if ok:
+            return parse(str(tmp_path), is_train=is_train)[0]
+        with pytest.raises(SystemExit) as info:
+            parse(str(tmp_path), is_train=is_train)
+        assert info.value.code == 2
+        assert _tree(tmp_path) == before, 'something was created'
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+        return err
+
+    return run
+
+
+def _run_runner(tmp_path, args):
+    before = _tree(tmp_path)
+    proc = subprocess.run([PYTHON, *args], cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr, proc.stderr
+    assert _tree(tmp_path) == before, 'the runner created files'
+    return proc.stderr.strip().splitlines()[-1]
+
+
+# -- the issue's cases --------------------------------------------------------------------------------------------
+def test_top_level_list_is_refused_by_the_training_runner(tmp_path):
+    path = _write(tmp_path, '- name: x\n- num_gpu: 0\n')
+    err = _run_runner(tmp_path, [os.path.join(REPO, 'yoda_plugin', 'train.py'), '-opt', path])
+    assert err == f'error: option file {path} must contain a mapping at top level, got list'
+
+
+def test_empty_file_is_refused_by_the_test_runner(tmp_path):
+    path = _write(tmp_path, '# nothing but a comment\n', 'test_empty.yml')
+    err = _run_runner(tmp_path, [os.path.join(REPO, 'yoda_plugin', 'test.py'), '-opt', path])
+    assert f'option file {path} is empty: it must contain a mapping at top level' in err
+
+
+def test_typo_of_manual_seed_names_the_closest_key(tmp_path, refused):
+    path = _write(tmp_path, _options_text(tmp_path).replace('\nmanual_seed: 0\n', '\nmanual_sed: 0\n'))
+    err = refused(path)
+    assert f'option file {path}: unknown key manual_sed (did you mean manual_seed?)' in err
+
+
+def test_typo_of_ema_decay_names_the_closest_key(tmp_path, refused):
+    path = _write(tmp_path, _options_text(tmp_path).replace('  ema_decay: 0.9\n', '  ema_dcay: 0.9\n'))
+    assert 'unknown key train.ema_dcay (did you mean train.ema_decay?)' in refused(path)
+
+
+def test_missing_total_iter_is_named(tmp_path, refused):
+    text = _options_text(tmp_path)
+    assert '  total_iter: 4\n' in text
+    err = refused(_write(tmp_path, text.replace('  total_iter: 4\n', '')))
+    assert 'missing key train.total_iter (the number of training iterations)' in err
+    assert "KeyError" not in err
+
+
+def test_missing_save_checkpoint_freq_is_named(tmp_path, refused):
+    text = _options_text(tmp_path)
+    err = refused(_write(tmp_path, text.replace('  save_checkpoint_freq: 2\n', '')))
+    assert 'missing key logger.save_checkpoint_freq' in err
+
+
+def test_empty_yoda_section_is_refused_not_vanilla(tmp_path, refused):
+    text = _options_text(tmp_path)
+    start = text.index('\nyoda:\n') + 1
+    end = text.index('\npath:\n') + 1
+    err = refused(_write(tmp_path, text[:start] + 'yoda:\n' + text[end:]))
+    assert 'yoda is empty (null): write yoda: {enabled: false} for vanilla diffusion' in err
+
+
+def test_duplicate_key_names_its_path_and_both_lines(tmp_path, refused):
+    text = _options_text(tmp_path)
+    lines = text.splitlines(keepends=True)
+    first = next(i for i, line in enumerate(lines) if line == '  ema_decay: 0.9\n')
+    lines.insert(first + 1, '  ema_decay: 0.5\n')
+    path = _write(tmp_path, ''.join(lines))
+    err = refused(path)
+    assert f'duplicate key train.ema_decay at lines {first + 1} and {first + 2}' in err and path in err
+    with pytest.raises(ValueError, match='duplicate key train.ema_decay'):
+        load_options(path)  # the loader itself refuses it: every user of load_options
+
+
+def test_force_yml_with_a_mapping_value_names_the_entry(tmp_path):
+    path = _write(tmp_path, _options_text(tmp_path))
+    err = _run_runner(tmp_path, ['-m', 'yoda_plugin', 'train', '-opt', path,
+                                 '--force_yml', 'train:optim_g={type:Adam}'])
+    assert "--force_yml entry 'train:optim_g={type:Adam}'" in err and 'not a mapping' in err
+    assert 'dictionary update sequence' not in err
+
+
+def test_force_yml_misspelt_keys_name_the_entry(tmp_path, refused):
+    path = _write(tmp_path, _options_text(tmp_path))
+    err = refused(path, '--force_yml', 'trian:total_iter=3')
+    assert 'the option file has no key trian (did you mean train?)' in err
+    err = refused(path, '--force_yml', 'train:ema_dcay=0.5')
+    assert "unknown key train.ema_dcay (did you mean train.ema_decay?) (set by --force_yml 'train:ema_dcay=0.5')" in err
+    assert 'expected exactly one "="' in refused(path, '--force_yml', 'train:total_iter=3=4')
+    # a good entry goes through, as BasicSR applies it
+    assert refused(path, '--force_yml', 'train:total_iter=3', ok=True)['train']['total_iter'] == 3
+
+
+def test_num_gpu_without_cuda_suggests_zero_or_auto(tmp_path, refused, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
+    path = _write(tmp_path, _options_text(tmp_path).replace('\nnum_gpu: auto\n', '\nnum_gpu: 1\n'))
+    err = refused(path)
+    assert 'num_gpu is 1 but this machine has no CUDA device: set num_gpu: 0 (the CPU) or num_gpu: auto' in err
+    # auto is BasicSR's torch.cuda.device_count(): 0 on this machine, which works
+    ok = refused(_write(tmp_path, _options_text(tmp_path), 'train_auto.yml'), ok=True)
+    assert ok['num_gpu'] == 0
+
+
+def test_num_gpu_beyond_the_visible_devices_is_refused_by_the_runner(tmp_path):
+    path = _write(tmp_path, _options_text(tmp_path).replace('\nnum_gpu: auto\n', '\nnum_gpu: 99\n'))
+    err = _run_runner(tmp_path, [os.path.join(REPO, 'yoda_plugin', 'train.py'), '-opt', path])
+    assert 'num_gpu is 99 but' in err and 'num_gpu: auto' in err
+
+
+def test_yoda_with_basicsr_paired_dataset_names_type_and_our_dataset(tmp_path, refused):
+    text = _options_text(tmp_path)
+    assert text.count('  type: YODAPairedDataset\n') == 2
+    path = _write(tmp_path, text.replace('  type: YODAPairedDataset\n', '  type: PairedImageDataset\n', 1))
+    err = refused(path)
+    assert 'datasets.train.type is PairedImageDataset, which returns no attention maps, but YODA is on' in err
+    assert 'use type: YODAPairedDataset with dataroot_attention' in err
+    assert 'set dataroot_attention in the dataset options' not in err
+
+
+def test_yoda_without_dataroot_attention_names_the_key(tmp_path, refused):
+    opt = tiny_options(DATA, name='bad')
+    del opt['datasets']['val']['dataroot_attention'], opt['datasets']['val']['attention_meta']
+    err = refused(write_options(tmp_path / 'train_noatt.yml', opt))
+    assert 'missing key datasets.val.dataroot_attention: YODA is on' in err
+
+
+# -- types, test mode, and what must keep passing ---------------------------------------------------------------
+def test_wrong_types_are_named_with_the_expected_type(tmp_path, refused):
+    text = _options_text(tmp_path)
+    err = refused(_write(tmp_path, text.replace('  total_iter: 4\n', "  total_iter: '4'\n")))
+    assert "train.total_iter must be a whole number >= 1 (the number of training iterations), got '4'" in err
+    err = refused(_write(tmp_path, text.replace('  save_img: true\n', '  save_img: 1\n'), 'train_b.yml'))
+    assert 'val.save_img must be true or false, got 1' in err
+    err = refused(_write(tmp_path, text.replace('type: SR3UNet', 'type: SR3Unet'), 'train_c.yml'))
+    assert "network_g.type: 'SR3Unet' is no registered architecture (did you mean SR3UNet?)" in err
+
+
+def test_test_options_are_checked_in_test_mode(tmp_path, refused):
+    text = _options_text(tmp_path, train=False)
+    assert refused(_write(tmp_path, text, 'test_ok.yml'), is_train=False, ok=True)['is_train'] is False
+    err = refused(_write(tmp_path, text.replace('  save_img: true\n', ''), 'test_bad.yml'), is_train=False)
+    assert 'missing key val.save_img' in err
+    err = refused(_write(tmp_path, text.replace('  sample_seed: 0\n', '  sample_sed: 0\n'), 'test_typo.yml'),
+                  is_train=False)
+    assert 'val.sample_sed (did you mean val.sample_seed?)' in err
+
+
+def test_library_check_reports_every_problem_in_one_error():
+    opt = tiny_options(DATA, name='lib')
+    opt.update(is_train=True, dist=False, rank=0, world_size=1, auto_resume=False, num_gpu=0, manual_sed=1)
+    opt['train']['ema_dcay'] = opt['train'].pop('ema_decay')
+    for phase, ds in opt['datasets'].items():
+        ds.update(phase=phase, scale=opt['scale'])
+    with pytest.raises(OptionError) as info:
+        check_option_tree(opt, True, 'x.yml', cuda_devices=0)
+    assert str(info.value).startswith('option file x.yml: unknown key manual_sed (did you mean manual_seed?); '
+                                      'unknown key train.ema_dcay (did you mean train.ema_decay?)')
+    assert isinstance(info.value, ValueError) and option_check.USAGE_EXIT_CODE == 2
