@@ -11,20 +11,8 @@ import sys
 
 def main(root_path=None):
     import yoda_plugin  # noqa: F401  (registration)
-    from yoda_plugin.utils.options import close_process_group, patch_basicsr_runner
-    patch_basicsr_runner()
-    from basicsr.test import test_pipeline
-    root = root_path or os.getcwd()
-    try:
-        test_pipeline(root)
-    except Exception as err:  # a full disk gets one line and exit code 2; anything else its traceback
-        from basicsr.utils import get_root_logger
-
-        from yoda_plugin.utils.disk import exit_if_disk_full
-        exit_if_disk_full(err, root, get_root_logger())
-        raise
-    # Only after success: after a failure on one rank, the others may still wait in a collective.
-    close_process_group()
+    from yoda_plugin.utils.options import run_basicsr_pipeline
+    run_basicsr_pipeline('test', root_path or os.getcwd())
 
 
 if __name__ == '__main__':

@@ -298,3 +298,28 @@ def patch_basicsr_runner():
     # BasicSR's MultiStepRestartLR keeps its milestones in a Counter; allow it
     # in weights_only loading of resume states (a plain dict subclass, no code).
     torch.serialization.add_safe_globals([collections.Counter])
+
+
+def run_basicsr_pipeline(phase: str, root_path: str):
+    """BasicSR's ``train_pipeline`` / ``test_pipeline`` (``phase`` 'train' or 'test') with our runner fixes.
+
+    A full disk ends with one line and exit code 2 (:mod:`yoda_plugin.utils.disk`); other failures keep their
+    traceback. The process group is closed only after success: after a failure on one rank, the others may
+    still wait in a collective.
+    """
+    patch_basicsr_runner()
+    if phase == 'train':
+        from basicsr.train import train_pipeline as pipeline
+    elif phase == 'test':
+        from basicsr.test import test_pipeline as pipeline
+    else:
+        raise ValueError(f"phase must be 'train' or 'test', got {phase!r}")
+    try:
+        pipeline(root_path)
+    except Exception as err:
+        from basicsr.utils import get_root_logger
+
+        from yoda_plugin.utils.disk import exit_if_disk_full
+        exit_if_disk_full(err, root_path, get_root_logger())
+        raise
+    close_process_group()
