@@ -22,7 +22,9 @@ time (default 64), so an interruption loses at most that many; the LMDB map
 grows as needed. Unreadable
 images are reported with their key and the reason, and make the exit status 1;
 usage and setup errors (bad options, another writer holding the output,
-metadata of another configuration, missing weights) give 2.
+metadata of another configuration, missing weights) give 2, and so does a full
+disk: one line "error: no space left on <path> ..." and no traceback; the maps
+committed before stay, so a rerun with space resumes.
 
 Sharding: under ``torchrun`` (``WORLD_SIZE`` > 1) rank ``r`` of ``W`` handles
 keys ``r, r + W, ...`` of the sorted input and writes them into its own shard
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Parse ``argv`` and run; the exit status: 0, 1 (an image failed), 2 (usage or setup error)."""
+    """Parse ``argv`` and run; the exit status: 0, 1 (an image failed), 2 (usage or setup error, full disk)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

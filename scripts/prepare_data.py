@@ -34,7 +34,8 @@ stops before any work with an error naming the file and where to get it.
 Resumable and idempotent: rerun the same command after an interruption and it finishes the job (keys already
 stored are skipped); rerun a finished job and it does nothing. An LMDB made by something else, or with another
 recipe, is refused, as is an output inside an input folder. Unreadable or too small images are reported by
-path and skipped; the exit status is then 1 (2: usage or setup error). A summary lists every LMDB with its key
+path and skipped; the exit status is then 1 (2: usage or setup error, or a full disk: one line "error: no space
+left on <path> ...", what was committed stays and a rerun resumes). A summary lists every LMDB with its key
 count, image size, disk use and state.
 """
 import argparse
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Parse ``argv`` and run; the exit status: 0, 1 (an image or map failed, or --check found a problem), 2."""
+    """Parse ``argv`` and run; the exit status: 0, 1 (an image or map failed, or --check found a problem), 2 (usage, full disk)."""
     args = build_parser().parse_args(argv)
     return prepare.run_from_args(args)
 

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from yoda_plugin.attention import ATTENTION_SOURCES, AttentionSource, build_attention_source
 from yoda_plugin.attention.previews import Item, write_previews
+from yoda_plugin.utils.disk import DISK_FULL_EXIT_CODE, disk_full_error
 from yoda_plugin.data.attention_lmdb import (AttentionLMDBLockedError, AttentionLMDBWriter, encode_attention,
                                              make_attention_meta, read_meta_info, validate_key)
 
@@ -557,7 +558,8 @@ def run_from_args(args) -> int:
     """Run a parsed (and :func:`check_args`-checked) command line; the exit status 0, 1 or 2.
 
     Under torchrun (``WORLD_SIZE`` > 1) this process is one rank (:func:`run_distributed`), else a plain
-    :func:`run`. Setup errors (:data:`SETUP_ERRORS`) are printed and give 2.
+    :func:`run`. Setup errors (:data:`SETUP_ERRORS`) are printed and give 2, and so does a full disk: one line
+    "error: no space left on <path> ..." (:class:`~yoda_plugin.utils.disk.DiskFullError`), no traceback.
     """
     world = int(os.environ.get('WORLD_SIZE', '1') or 1)
     try:
@@ -568,3 +570,9 @@ def run_from_args(args) -> int:
     except SETUP_ERRORS as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
+    except (lmdb.Error, OSError) as err:  # DiskFullError from the writer, or a raw error on a full disk
+        full = disk_full_error(err, getattr(err, 'path', None) or args.output)
+        if full is None:
+            raise
+        print(f'error: {full}', file=sys.stderr)  # one line, no traceback; committed maps stay (rerun resumes)
+        return DISK_FULL_EXIT_CODE

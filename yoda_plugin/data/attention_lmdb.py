@@ -27,6 +27,7 @@ import cv2
 import lmdb
 import numpy as np
 
+from ..utils.disk import DiskFullError, raise_if_disk_full
 from ..utils.filelock import FileLock, LockHeldError
 
 FORMAT = 'yoda-attention-v1'
@@ -316,7 +317,10 @@ def commit_pairs(env, pairs: Sequence[Tuple[bytes, bytes]], overwrite: bool = Tr
     ``max(2 * size, size + 4 * bytes of the values)`` and the whole transaction is retried (at most
     :data:`MAX_GROWTH_RETRIES` times, then RuntimeError naming ``path``). With ``overwrite=False`` keys
     already present are kept. Returns how many keys were new. No other transaction of this process may be
-    open on ``env`` (LMDB's rule for growing a map).
+    open on ``env`` (LMDB's rule for growing a map). A full disk (py-lmdb's ``lmdb.DiskError`` / ``lmdb.Error``
+    "No space left on device" or, on a full tmpfs, "mdb_txn_commit: Input/output error") raises
+    :class:`~yoda_plugin.utils.disk.DiskFullError` naming ``path``; the failed transaction is aborted, so every
+    earlier commit stays intact and a rerun with space resumes.
     """
     pairs = list(pairs)  # retried as a whole
     need = sum(len(value) for _, value in pairs)
@@ -330,6 +334,9 @@ def commit_pairs(env, pairs: Sequence[Tuple[bytes, bytes]], overwrite: bool = Tr
         except lmdb.MapFullError:
             size = int(env.info()['map_size'])
             env.set_mapsize(max(2 * size, size + 4 * need))
+        except (lmdb.Error, OSError) as err:
+            raise_if_disk_full(err, path or env.path())  # probed now, before anything is cleaned up
+            raise
     where = path or env.path()
     raise RuntimeError(f'cannot fit {len(pairs)} value(s) of {need} bytes into {where} after growing the map')
 
@@ -502,8 +509,13 @@ class AttentionLMDBWriter:
             self._release()
             return
         try:
-            self.write_meta_info()
-            self.env.sync(True)
+            try:
+                self.write_meta_info()
+                self.env.sync(True)
+            except (lmdb.Error, OSError) as err:
+                if not isinstance(err, DiskFullError):
+                    raise_if_disk_full(err, self.path)
+                raise
         finally:
             self._release()
 

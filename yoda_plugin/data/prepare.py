@@ -49,6 +49,7 @@ import cv2
 import lmdb
 import numpy as np
 
+from ..utils.disk import DISK_FULL_EXIT_CODE, DiskFullError, disk_full_error, raise_if_disk_full
 from ..utils.filelock import FileLock, LockHeldError
 from .attention_lmdb import (META_INFO_FILE, _atomic_write_text, _png_size, check_attention_meta, commit_pairs,
                              read_meta_info, validate_key)
@@ -610,9 +611,12 @@ def _write_pending(job: ImageJob, pending: List[Tuple[InputImage, List[int]]], w
     if not pending:
         for t in job.targets:  # a resumed run may have been stopped before meta_info.txt was written
             if os.path.isfile(os.path.join(t.path, 'data.mdb')):
-                env = lmdb.open(t.path, map_size=INITIAL_MAP_SIZE, readahead=False, meminit=False)
+                env = _open_env(t.path)
                 try:
                     write_meta_info(env, t.path, job.params['compress_level'])
+                except OSError as err:
+                    raise_if_disk_full(err, t.path)
+                    raise
                 finally:
                     env.close()
         return 0
@@ -632,7 +636,7 @@ def _write_pending(job: ImageJob, pending: List[Tuple[InputImage, List[int]]], w
     bar = _progress(len(pending), f'{job.name}: images', 'img', show_progress)
     try:
         for t in job.targets:
-            envs.append(lmdb.open(t.path, map_size=INITIAL_MAP_SIZE, readahead=False, meminit=False))
+            envs.append(_open_env(t.path))
         tasks = [(job.kind, item.key, item.path, job.params, needed) for item, needed in pending]
         results = pool.imap_unordered(_work, tasks) if pool is not None else map(_work, tasks)
         for key, path, outputs, error in results:
@@ -652,13 +656,27 @@ def _write_pending(job: ImageJob, pending: List[Tuple[InputImage, List[int]]], w
         if pool is not None:
             pool.terminate()
             pool.join()
+        failing = sys.exc_info()[1] is not None
         for env, t in zip(envs, job.targets):
             try:  # also after an interruption: meta_info.txt lists what was committed
                 write_meta_info(env, t.path, job.params['compress_level'])
                 env.sync(True)
+            except (lmdb.Error, OSError) as err:
+                if not failing:  # a full disk here is reported as such; an earlier error keeps its place
+                    raise_if_disk_full(err, t.path)
+                    raise
             finally:
                 env.close()
     return written
+
+
+def _open_env(path: str):
+    """Open (create) the image LMDB at ``path`` for writing; a full disk gives DiskFullError naming it."""
+    try:
+        return lmdb.open(path, map_size=INITIAL_MAP_SIZE, readahead=False, meminit=False)
+    except lmdb.Error as err:
+        raise_if_disk_full(err, path)
+        raise
 
 
 # --------------------------------------------------------------------------- attention
@@ -927,3 +945,9 @@ def run_from_args(args) -> int:
     except (UsageError, FileNotFoundError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
+    except (DiskFullError, lmdb.Error, OSError) as err:
+        full = disk_full_error(err, getattr(err, 'path', None) or getattr(args, 'output', None) or '.')
+        if full is None:
+            raise
+        print(f'error: {full}', file=sys.stderr)  # one line, no traceback; what was committed stays (rerun)
+        return DISK_FULL_EXIT_CODE
