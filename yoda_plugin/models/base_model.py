@@ -223,23 +223,29 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
         """NaN policy, backward (GradScaler with fp16), optimizer step, loss log and EMA update.
 
         Checked every step, with one decision for all ranks (gradients are averaged across ranks before the
-        check; the loss flag is reduced): a non-finite loss or gradient is skipped or raised by
-        ``train.nan_policy``; weights that are non-finite after the step stop the run (nothing is saved).
+        check; the flag is reduced): a non-finite loss or gradient is skipped or raised by ``train.nan_policy``
+        (without fp16's GradScaler one host synchronisation covers both); weights that are non-finite after the
+        step stop the run (nothing is saved).
         """
-        if not self._all_ranks_finite(l_pix.detach()):
-            return self._non_finite_step(f'non-finite training loss ({l_pix.item()})', current_iter)
         params = [p for p in self.get_bare_model(self.net_g).parameters() if p.requires_grad]
         if self.grad_scaler is not None:
+            if not self._all_ranks_finite(l_pix.detach()):
+                return self._non_finite_step(f'non-finite training loss ({l_pix.item()})', current_iter)
             # The scaler skips steps whose scaled gradients overflow (and lowers the scale): fp16's own policy.
             self.grad_scaler.scale(l_pix).backward()
             self.grad_scaler.step(self.optimizer_g)
             self.grad_scaler.update()
         else:
-            l_pix.backward()
+            # Backward first, so that one check (one host synchronisation) covers the loss and the gradients: a
+            # non-finite loss makes the gradients non-finite too, and DDP has averaged them across ranks.
+            if l_pix.requires_grad:  # a constant (non-finite) loss has nothing to propagate
+                l_pix.backward()
             grads = [p.grad for p in params if p.grad is not None]
-            if grads and not bool(torch.isfinite(total_norm(grads))):
-                return self._non_finite_step(f'non-finite gradients (loss {l_pix.item():.6g} is finite)',
-                                             current_iter)
+            checked = [l_pix.detach().float().reshape(1)] + ([total_norm(grads).reshape(1)] if grads else [])
+            if not self._all_ranks_finite(torch.cat(checked)):
+                what = (f'non-finite gradients (loss {l_pix.item():.6g} is finite)' if bool(torch.isfinite(l_pix))
+                        else f'non-finite training loss ({l_pix.item()})')
+                return self._non_finite_step(what, current_iter)
             self.optimizer_g.step()
         if params and not bool(torch.isfinite(total_norm([p.detach() for p in params]))):
             raise FloatingPointError(
