@@ -29,6 +29,8 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.9',
     packages=find_packages(include=['yoda_plugin', 'yoda_plugin.*']),
+    # The converged demo models (scripts/benchmark_convergence.py --export; docs/convergence.md).
+    package_data={'yoda_plugin': ['weights/*.pth']},
     install_requires=[
         'torch>=2.1',
         'torchvision>=0.16',
@@ -42,12 +44,14 @@ setup(
         'numpy>=1.22',
         'tqdm>=4.0',
     ],
-    extras_require={'test': ['pytest>=7', 'hypothesis>=6', 'scikit-image>=0.19', 'matplotlib>=3.5'], 'plots': ['matplotlib>=3.5']},
+    extras_require={'test': ['pytest>=7', 'hypothesis>=6', 'scikit-image>=0.19', 'matplotlib>=3.5', 'import-linter>=2.0'],
+                    'plots': ['matplotlib>=3.5']},
     entry_points={
         'console_scripts': [
             'yoda-train=yoda_plugin.train:main',
             'yoda-test=yoda_plugin.test:main',
             'yoda-demo=yoda_plugin.demo:main',
+            'yoda-gpu-check=yoda_plugin.apps.gpu_check:main',
         ]
     },
     classifiers=[

@@ -43,19 +43,12 @@ import torch
 from yoda_plugin.attention import build_attention_source
 from yoda_plugin.attention.dino import OFFICIAL_WEIGHTS, resnet50_backbone, vit_small_patch8
 from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter, encode_attention, make_attention_meta
+from yoda_plugin.data.image_io import decode_image
 from yoda_plugin.utils.progress import Progress
 
 DETERMINISTIC = ('gaussian', 'edge', 'sift')
 DINO = ('dino_vits8', 'dino_resnet50')
 PAPER_MAPS, PAPER_SECONDS = 120_000, 120.0
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """As scripts/precompute_attention.py: BasicSR's IMREAD_COLOR decode, then RGB."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError('undecodable image')
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def lr_images(count: int, size: int, seed: int = 0):

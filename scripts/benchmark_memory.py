@@ -4,15 +4,15 @@
     python scripts/benchmark_memory.py [--options OPT ...] [--device cpu|cuda] [--limit-gb 12]
 
 For every option file (default: the three SR3+YODA scenarios) the script
-builds its ``network_g`` at full size and runs one training step (YODA inputs
-with a Gaussian attention map, masked noise loss, backward, the option file's
-optimizer type AdamW/Adam with its learning rate) in a fresh child process per
-batch size, for batch 1, 2, 4, ... up to the option file's
-``batch_size_per_gpu``. Reported memory:
+builds its model (``model_type`` with ``network_g`` at full size, the option
+file's optimizer, loss and EMA) and runs one step of the model's own training
+(``optimize_parameters``, on a synthetic batch with a Gaussian attention map)
+in a fresh child process per batch size, for batch 1, 2, 4, ... up to the
+option file's ``batch_size_per_gpu``. Reported memory:
 
 * CUDA: ``torch.cuda.max_memory_allocated`` (tensors only, no allocator cache);
 * CPU: the child's peak resident set size (``ru_maxrss``) minus its size after
-  the imports, i.e. weights, gradients, optimizer state and activations.
+  the imports, i.e. weights, their EMA copy, gradients, optimizer state and activations.
 
 A batch whose memory, extrapolated linearly from the last two batches, would
 exceed ``--limit-gb`` is not run (this machine must not swap); the table then
@@ -42,57 +42,46 @@ def rss_kib() -> int:
 
 
 def child(args) -> dict:
-    """One training step in this process; returns the measurement as a dict."""
+    """One training step of the model in this process; returns the measurement as a dict."""
     start_kib = rss_kib()
     import torch
 
     sys.path.insert(0, REPO)
-    from yoda_plugin.archs.sr3_unet_arch import SR3UNet
-    from yoda_plugin.core import DiffusionSchedule, YODAConfig, make_beta_schedule, masked_noise_loss, training_inputs
+    from yoda_plugin.apps.training_step import synthetic_batch, training_model
     start_kib = max(start_kib, rss_kib())  # torch's import is not the step's memory
-    net_opt = json.loads(args.child)
-    size, batch = net_opt.pop('image_size'), args.batch
-    optim = net_opt.pop('_optim')
+    opt = json.loads(args.child)
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    net = SR3UNet(image_size=size, **net_opt).to(device)
-    opt = getattr(torch.optim, optim['type'])(net.parameters(), lr=optim.get('lr', 1e-4))
-    schedule = DiffusionSchedule(make_beta_schedule('linear', 500, 4e-6, 4e-2))
-    hr = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-    cond = torch.nn.functional.avg_pool2d(hr, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size, device=device), torch.linspace(-1, 1, size, device=device),
-                            indexing='ij')
-    att = torch.exp(-(yy**2 + xx**2) / (2 * 0.5**2))[None, None].expand(batch, 1, -1, -1)
+    model = training_model(opt, device)
+    data = synthetic_batch(opt, args.batch, device)
     t = time.perf_counter()
-    inp = training_inputs(schedule, hr, YODAConfig(lower_bound=0.4).mask(att, 500))
-    loss = masked_noise_loss(net(inp['z_in'], cond, inp['noise_level']), inp['noise'], inp['mask'])
-    loss.backward()
-    opt.step()
+    model.feed_data(data)
+    model.optimize_parameters(1)
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_kib) / 2**20
-    return {'peak_gib': peak, 'step_s': time.perf_counter() - t, 'loss': float(loss)}
+    return {'peak_gib': peak, 'step_s': time.perf_counter() - t, 'loss': float(model.log_dict['l_pix'])}
 
 
 def scenario(path: str) -> dict:
     sys.path.insert(0, REPO)
     from yoda_plugin.utils.options import load_options
     opt = load_options(os.path.join(REPO, path) if not os.path.isabs(path) else path)
-    net = {k: v for k, v in opt['network_g'].items() if k != 'type'}
-    if 'image_size' not in net:
+    if 'image_size' not in opt['network_g']:
         raise SystemExit(f'{path}: network_g.image_size is needed to size the benchmark input')
-    net['_optim'] = {k: v for k, v in opt['train']['optim_g'].items() if k in ('type', 'lr')}
-    return {'name': opt['name'], 'net': net, 'batch': int(opt['datasets']['train']['batch_size_per_gpu']),
-            'scale': opt['scale']}
+    sections = {k: opt[k] for k in ('name', 'model_type', 'scale', 'network_g', 'diffusion', 'yoda', 'train', 'srdiff')
+                if k in opt}
+    return {'name': opt['name'], 'opt': sections, 'size': opt['network_g']['image_size'],
+            'batch': int(opt['datasets']['train']['batch_size_per_gpu']), 'scale': opt['scale']}
 
 
-def measure(net: dict, batch: int, checkpoint: bool, device: str) -> dict:
-    net = dict(net, use_checkpoint=checkpoint)
-    cmd = [sys.executable, os.path.abspath(__file__), '--child', json.dumps(net), '--batch', str(batch), '--device',
+def measure(opt: dict, batch: int, checkpoint: bool, device: str) -> dict:
+    opt = dict(opt, network_g=dict(opt['network_g'], use_checkpoint=checkpoint))
+    cmd = [sys.executable, os.path.abspath(__file__), '--child', json.dumps(opt), '--batch', str(batch), '--device',
            device]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -156,11 +145,11 @@ def main(argv=None):
     for sc in scenarios:
         for checkpoint in (False, True):
             done = []  # (batch, peak)
-            row = {'scenario': sc['name'], 'size': sc['net']['image_size'], 'paper_batch': sc['batch'],
+            row = {'scenario': sc['name'], 'size': sc['size'], 'paper_batch': sc['batch'],
                    'checkpoint': checkpoint, 'fits': 0, 'measured': {}, 'note': ''}
             batches = batches_up_to(sc['batch'])
             # A child's time grows with its batch: estimate the time left in samples (plus one for start-up).
-            progress = Progress(f'{sc["name"]} ({sc["net"]["image_size"]} px), gradient checkpointing '
+            progress = Progress(f'{sc["name"]} ({sc["size"]} px), gradient checkpointing '
                                 f'{"on" if checkpoint else "off"}', len(batches), unit='batches', prefix='memory',
                                 weights=[b + 1 for b in batches])
             for b in batches:
@@ -170,7 +159,7 @@ def main(argv=None):
                     if expected > args.limit_gb:
                         row['note'] = f'batch {b} expected {expected:.1f} GiB > --limit-gb {args.limit_gb:g}: not run'
                         break
-                r = measure(sc['net'], b, checkpoint, args.device)
+                r = measure(sc['opt'], b, checkpoint, args.device)
                 if 'error' in r:
                     row['note'] = f'batch {b}: {r["error"]}'
                     break

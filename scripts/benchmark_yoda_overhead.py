@@ -4,8 +4,9 @@
     python scripts/benchmark_yoda_overhead.py [--net small|paper] [--size 128] [--batch 4] [--device cpu]
 
 Prints one table:
-* training step (forward, masked loss, backward, AdamW) with YODA / without, same
-  network, batch and data; interleaved A/B repetitions, medians;
+* training step with YODA / without: the model's own step (``SR3Model.optimize_parameters``:
+  forward, masked loss, backward, AdamW, EMA), same network, batch and data;
+  interleaved A/B repetitions, medians;
 * dense YODA sampling / vanilla sampling over the same number of steps;
 * YODA's share of pixel updates for the attention maps used (what sparse
   sampling could save at most);
@@ -39,9 +40,9 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from yoda_plugin.archs.sr3_unet_arch import SR3UNet  # noqa: E402
+from yoda_plugin.apps.training_step import synthetic_batch, training_model  # noqa: E402
 from yoda_plugin.core import (DDPMSampler, DiffusionSchedule, SparseDenoiser, YODAConfig, YODAMask,  # noqa: E402
-                              make_beta_schedule, masked_noise_loss, pixel_update_ratio, sample, training_inputs)
+                              make_beta_schedule, pixel_update_ratio, sample)
 from yoda_plugin.utils.progress import Progress  # noqa: E402
 
 NETS = {
@@ -57,58 +58,55 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def fast_paths(net, hr, cond, att, schedule, yoda, device, with_compile, repeats, row=None):
-    """{variant: (sampling forward s, training step s)}: float32, bf16 / fp16 autocast, channels_last (+ compile).
+def model_options(args) -> dict:
+    """The benchmarked SR3+YODA training model: the --net UNet at --size, the paper's schedule, optimizer and EMA."""
+    return {'name': 'overhead', 'model_type': 'SR3Model', 'scale': 4,
+            'network_g': {'type': 'SR3UNet', 'in_channels': 6, 'out_channels': 3, 'image_size': args.size,
+                          **NETS[args.net]},
+            'diffusion': {'schedule': 'linear', 'num_timesteps': 500, 'linear_start': 4e-6, 'linear_end': 4e-2},
+            'yoda': {'enabled': True, 'lower_bound': args.lower_bound},
+            'train': {'ema_decay': 0.9999, 'optim_g': {'type': 'AdamW', 'lr': 5e-5, 'weight_decay': 1e-4}}}
+
+
+def fast_paths(opt, data, device, with_compile, repeats, seed=0, row=None):
+    """{variant: (sampling forward s, training step s)}: float32, bf16 / fp16 autocast, channels_last (+ compile),
+    each a model built with those ``train.*`` options; the step is its ``optimize_parameters``.
 
     ``row(name, forward, step, float32)`` is called for each variant as soon as its last repetition is timed
     (the last round runs float32 first); unavailable variants get ``(name, None, reason, None)``."""
-    import copy
-    variants = {'float32': (False, None, False), 'bf16 autocast': (False, torch.bfloat16, False),
-                'channels_last': (True, None, False), 'channels_last + bf16': (True, torch.bfloat16, False)}
+    variants = {'float32': {}, 'bf16 autocast': {'amp': 'bf16'}, 'channels_last': {'channels_last': True},
+                'channels_last + bf16': {'channels_last': True, 'amp': 'bf16'}}
     if device.type == 'cuda':  # on this project's CPU fp16 ran 274x (forward) / 92x (training step) slower
-        variants.update({'fp16 autocast + GradScaler': (False, torch.float16, False),
-                         'channels_last + fp16': (True, torch.float16, False)})
+        variants.update({'fp16 autocast + GradScaler': {'amp': 'fp16'},
+                         'channels_last + fp16': {'channels_last': True, 'amp': 'fp16'}})
     if with_compile:
-        variants['torch.compile'] = (False, None, True)
-    nets, results = {}, {}
-    scalers = {name: torch.amp.GradScaler(device.type) for name, v in variants.items() if v[1] == torch.float16}
-    for name, (cl, _, comp) in variants.items():
-        n = copy.deepcopy(net)
-        if cl:
-            n.to(memory_format=torch.channels_last)
-        if comp:
-            n.forward = torch.compile(n.forward)
-        nets[name] = (n, torch.optim.AdamW(n.parameters(), lr=5e-5, weight_decay=1e-4))
+        variants['torch.compile'] = {'compile': True}
+    models, results, steps = {}, {}, {}
+    z, c = data['gt'] * 2 - 1, data['lq_up'] * 2 - 1
+    level = torch.full((z.shape[0], ), 0.5, device=device)
 
     def run(name, train):
-        n, opt = nets[name]
-        cl, dtype, _ = variants[name]
-        fmt = torch.channels_last if cl else torch.contiguous_format
-        inp = training_inputs(schedule, hr, yoda.mask(att, 500))
-        z, c = inp['z_in'].contiguous(memory_format=fmt), cond.contiguous(memory_format=fmt)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            if not train:
-                n.eval()
-                with torch.no_grad():
-                    n(z, c, inp['noise_level'])
-                return
-            n.train()
-            opt.zero_grad(set_to_none=True)
-            eps = n(z, c, inp['noise_level'])
-        loss = masked_noise_loss(eps.float(), inp['noise'], inp['mask'])
-        if name in scalers:  # fp16 as the model trains it: loss scaling against gradient underflow
-            scalers[name].scale(loss).backward()
-            scalers[name].step(opt)
-            scalers[name].update()
-        else:
-            loss.backward()
-            opt.step()
+        model = models[name]
+        if train:
+            steps[name] = steps.get(name, 0) + 1
+            model.optimize_parameters(steps[name])
+            return
+        net, fast = model.get_bare_model(model.net_g), model.train_fast
+        fmt = torch.channels_last if fast.channels_last else torch.contiguous_format
+        net.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=fast.amp_dtype or torch.float32,
+                                             enabled=fast.amp_dtype is not None):
+            net(z.contiguous(memory_format=fmt), c.contiguous(memory_format=fmt), level)
+        net.train()
 
     times = {name: ([], []) for name in variants}
     progress = Progress(f'fast paths, {len(variants)} variants (warm-up, then {repeats} interleaved rounds)',
                         len(variants) * (1 + repeats), unit='x (1 forward + 1 training step)', prefix='overhead')
-    for name in variants:  # warm-up (and compilation)
+    for name in variants:  # building, warm-up (and compilation)
         try:
+            torch.manual_seed(seed)  # the same weights in every variant
+            models[name] = training_model(opt, device, **variants[name])
+            models[name].feed_data(data)
             run(name, False)
             run(name, True)
         except Exception as err:  # e.g. no C++ compiler for inductor: report instead of failing the table
@@ -230,16 +228,13 @@ def main(argv=None):
     if args.coverage:
         return coverage_table(args)
 
-    net = SR3UNet(image_size=args.size, **NETS[args.net]).to(device)
-    if args.checkpoint:
-        ckpt = torch.load(args.checkpoint, map_location=device, weights_only=True)
-        net.load_state_dict(ckpt.get('params_ema', ckpt.get('params')))
-    opt = torch.optim.AdamW(net.parameters(), lr=5e-5, weight_decay=1e-4)
+    opt = model_options(args)
     schedule = DiffusionSchedule(make_beta_schedule('linear', 500, 4e-6, 4e-2))
     sample_schedule = schedule.respace(args.sample_steps)
-    hr = torch.rand(args.batch, 3, args.size, args.size, device=device) * 2 - 1
-    cond = torch.nn.functional.avg_pool2d(hr, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    data = synthetic_batch(opt, args.batch, device, seed=args.seed)
+    hr, cond = data['gt'] * 2 - 1, data['lq_up'] * 2 - 1  # image space: the network's input and condition
     att = gaussian_attention(args.size, args.batch, device)
+    data['attention'] = att
     yoda, vanilla = YODAConfig(lower_bound=args.lower_bound), YODAConfig(enabled=False)
     multiple = 2**(len(NETS[args.net]['channel_mults']) - 1)
     variants = {'vanilla': 'dense', 'yoda': 'dense'}
@@ -251,6 +246,13 @@ def main(argv=None):
     if args.quick:
         ckpt_rounds = n_fast = 0
 
+    torch.manual_seed(args.seed)
+    model = training_model(opt, device)  # SR3Model: the training step timed below is its optimize_parameters
+    model.feed_data(data)
+    net = model.get_bare_model(model.net_g)
+    if args.checkpoint:
+        ckpt = torch.load(args.checkpoint, map_location=device, weights_only=True)
+        net.load_state_dict(ckpt.get('params_ema', ckpt.get('params')))
     params = sum(p.numel() for p in net.parameters()) / 1e6
     # What each stage costs in passes of the network (the progress lines below count them as they go).
     stages = [f'training A/B {2 + 2 * args.repeats} steps']
@@ -268,13 +270,12 @@ def main(argv=None):
     print('| measurement | vanilla | YODA | YODA / vanilla |')
     print('| --- | --- | --- | --- |', flush=True)
 
+    steps = [0]
+
     def train_step(cfg):
-        opt.zero_grad(set_to_none=True)
-        inp = training_inputs(schedule, hr, cfg.mask(att, 500))
-        eps = net(inp['z_in'], cond, inp['noise_level'])
-        loss = masked_noise_loss(eps, inp['noise'], inp['mask'])
-        loss.backward()
-        opt.step()
+        model.yoda = cfg  # the yoda section: on (lower bound l) or off
+        steps[0] += 1
+        model.optimize_parameters(steps[0])
 
     progress = Progress('training step, vanilla / YODA (2 warm-up, then A/B pairs)', 2 + 2 * args.repeats,
                         prefix='overhead')
@@ -430,7 +431,7 @@ def main(argv=None):
         else:
             print(f'| {name} | {fwd:.4f} | {fwd / base[0]:.3f} | {step:.4f} | {step / base[1]:.3f} |', flush=True)
 
-    fast_paths(net, hr, cond, att, schedule, yoda, device, args.compile, fast_repeats, row=fast_row)
+    fast_paths(opt, data, device, args.compile, fast_repeats, args.seed, row=fast_row)
     return 0
 
 if __name__ == '__main__':

@@ -44,7 +44,7 @@ TEST_NAME = 'basicsr_checkout_test'
 SHOWN = re.compile(r'^\[demo\]|Resuming training|\[epoch|Validation|\t # |Saving models|End of training|Wrote |'
                    r'Loading .* model from|Number of (train|val|test) images|Warning|WARNING|Error|error:')
 DATA_SNIPPET = ('import sys; from yoda_plugin.demo import build_demo_data; '
-                'print("[check] demo data in", build_demo_data(sys.argv[1], train_per_photo=2, val_per_photo=1))')
+                'print("[check] demo data in", build_demo_data(sys.argv[1], val_per_photo=1, train_photos=("astronaut", "camera")))')
 VERIFY_SNIPPET = '''
 import os, sys
 import basicsr, yoda_plugin

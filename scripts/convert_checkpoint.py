@@ -22,6 +22,9 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from yoda_plugin.checkpoints import FORMATS, convert_checkpoint, count_parameters  # noqa: E402
+from yoda_plugin.utils.torch_io import UnsafeCheckpointError  # noqa: E402
+
+TRUST_HINT = '--trust-checkpoint on this command'
 
 
 def main(argv=None) -> int:
@@ -40,6 +43,9 @@ def main(argv=None) -> int:
     try:
         ckpt = convert_checkpoint(args.input, args.output, None if args.format == 'auto' else args.format,
                                   args.force, args.trust_checkpoint, args.image_size, args.norm_groups, args.dropout)
+    except UnsafeCheckpointError as err:  # name this command's switch, not those of the option files and API
+        print(f'error: {err.with_hint(TRUST_HINT)}', file=sys.stderr)
+        return 2
     except (OSError, ValueError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

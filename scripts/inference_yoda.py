@@ -41,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, 'analysis'))
 
 import common  # noqa: E402  (puts the repository on sys.path, imports yoda_plugin)
+from yoda_plugin.data.image_io import read_image  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -60,29 +61,6 @@ def list_inputs(path: str):
         return [os.path.join(path, f) for f in sorted(os.listdir(path))
                 if not f.startswith('.') and os.path.isfile(os.path.join(path, f))]
     raise SetupError(f'input {path} does not exist')
-
-
-def read_image(path: str) -> np.ndarray:
-    """RGB uint8 (H, W, 3), decoded as BasicSR's loader does; ValueError if unreadable."""
-    from yoda_plugin.attention.precompute import decode_image
-    with open(path, 'rb') as f:
-        return np.ascontiguousarray(decode_image(f.read()))
-
-
-def parse_source_opts(pairs) -> dict:
-    """``k=v`` pairs; values parsed as YAML scalars (numbers, true/false, null), else kept as strings."""
-    import yaml
-    out = {}
-    for pair in pairs or []:
-        key, sep, text = pair.partition('=')
-        if not sep or not key.strip():
-            raise SetupError(f'--source-opt expects key=value, got {pair!r}')
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        out[key.strip()] = value if isinstance(value, (int, float, bool, type(None))) else text
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -114,6 +92,17 @@ def planned_outputs(files, output: str, suffix: str, previews: bool):
 
 # ----------------------------------------------------------------------------------------------- main
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: the flag's own name is in argparse's message (``argument --tile: ...``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected an integer of HR pixels, got {text!r}') from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be >= 0 (HR pixels; --tile 0: no tiling), got {value}')
+    return value
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('input', help='an LR image file or a folder of them')
@@ -133,9 +122,10 @@ def build_parser():
                    help="val.sampler.type (default: the option file's val.sampler, else ddpm)")
     p.add_argument('--steps', '--sample-steps', dest='steps', type=int, help='number of sampling steps')
     p.add_argument('--eta', type=float, help='DDIM eta (with --sampler ddim)')
-    p.add_argument('--tile', type=int, help='HR tile size (default: network_g.image_size; 0: no tiling)')
-    p.add_argument('--tile-overlap', type=int, help="HR pixels shared by neighbouring tiles (default: tile / 4, "
-                                                    "a multiple of the network's size multiple)")
+    p.add_argument('--tile', type=non_negative_int, help='HR tile size (default: network_g.image_size; 0: no tiling)')
+    p.add_argument('--tile-overlap', type=non_negative_int,
+                   help="HR pixels shared by neighbouring tiles (default: tile / 4, a multiple of the network's size "
+                        "multiple)")
     p.add_argument('--sparse', type=common.parse_sparse_spec, metavar='MODE:MARGIN',
                    help='sparse YODA sampling (val.sparse): network only on crops around the active pixels, e.g. '
                         'regions:8 (an approximation: see README, Performance)')
@@ -153,6 +143,7 @@ def build_parser():
 def build_resolver(args, opt):
     """The YODAResolver of the options with the command line's overrides."""
     from yoda_plugin import YODAResolver
+    from yoda_plugin.attention import parse_source_opts
     from yoda_plugin.inference import attention_source_for
     val = opt.get('val') or {}
     sampler = dict(val.get('sampler') or {})
@@ -211,7 +202,7 @@ def main(argv=None) -> int:
         name = os.path.basename(path)
         bar.set_description(name[:30])
         try:
-            lr = read_image(path)
+            lr = read_image(path)  # decoded as BasicSR's loader does
             start = time.perf_counter()
             sr = resolver(lr, seed=args.seed)
             out = plans[path][0]

@@ -46,6 +46,10 @@ def build_parser():
                    help='option override for every run, e.g. network_g.base_channels=16 (repeatable)')
     p.add_argument('--nproc', type=int, default=1, help='processes per run (torchrun, --launcher pytorch)')
     p.add_argument('--threads', type=int, default=None, help='CPU threads per run (OMP_NUM_THREADS)')
+    p.add_argument('--jobs', type=int, default=1, help='runs trained at the same time (default 1; with 2 CPU '
+                   'cores, --jobs 2 --threads 1 trains two runs at once)')
+    p.add_argument('--force', action='store_true', help='runs under --root made with other settings are archived '
+                   '(renamed *_archived_<time>) instead of refusing')
     return p
 
 
@@ -62,17 +66,24 @@ def main(argv=None):
         sampler = SamplerConfig.from_spec(args.sampler).as_dict()
         plan = StabilityPlan(options=os.path.abspath(options), batch_sizes=args.batch_sizes, seeds=args.seeds,
                              iters=args.iters, eval_every=args.eval_every, root=root, prefix=args.prefix,
-                             methods=args.methods, sampler=sampler, nproc=args.nproc,
+                             methods=args.methods, sampler=sampler, nproc=args.nproc, jobs=args.jobs,
+                             threads=args.threads, force=args.force,
                              overrides=dict(parse_override(o) for o in overrides))
     except ValueError as err:
         build_parser().error(str(err))
-    if args.threads:
-        os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = str(args.threads)
-    if args.demo:
-        from yoda_plugin.demo import build_demo_data
-        os.makedirs(root, exist_ok=True)
-        build_demo_data(root)
-    run_experiment(plan)
+    from yoda_plugin.demo import DemoRefusal, build_demo_data
+    from yoda_plugin.experiments.stability import PlanMismatch
+    try:
+        if args.demo:
+            os.makedirs(root, exist_ok=True)
+            build_demo_data(root)
+        run_experiment(plan)
+    except (DemoRefusal, PlanMismatch, RuntimeError) as err:
+        print(f'[stability] error: {err}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('[stability] interrupted: rerun the same command to resume', file=sys.stderr)
+        return 130
     return 0
 
 

@@ -18,6 +18,8 @@ import torch
 from conftest import PYTHON, REPO, run_env, tiny_options, write_options
 
 SCRIPTS = os.path.join(REPO, 'scripts')
+# Every test reads the finished test run of the module fixture (a `yoda_plugin test` subprocess).
+pytestmark = pytest.mark.slow
 
 
 def load_script(rel):

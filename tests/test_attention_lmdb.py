@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import load_precompute_script, raw_values
+from conftest import load_precompute_script, load_script, raw_values
 from yoda_plugin.attention import build_attention_source
-from yoda_plugin.attention.precompute import parse_source_opts
+from yoda_plugin.apps.precompute_attention import parse_source_opts
 from yoda_plugin.data.attention_lmdb import (AttentionLMDBLockedError, AttentionLMDBWriter, MissingAttentionKeyError,
                                              check_attention_meta, commit_pairs, decode_attention, encode_attention,
                                              make_attention_meta, read_attention_lmdb, read_attention_meta,
@@ -499,6 +499,40 @@ def test_parse_source_opts():
         parse_source_opts(['novalue'])
 
 
+def test_source_opts_are_read_as_yaml_with_exponents_as_floats():
+    from yoda_plugin.attention import parse_source_opts as shared
+    assert shared is parse_source_opts  # precompute (and prepare_data) use the package's parser
+    parsed = shared(['sigma=1e-1', 'a=2E+3', 'heads=[0, 2]', 'weights=/w/dino.pth', 'q="1e-1"', 'n=null', 'm=max',
+                     'd=2020-01-01'])
+    assert parsed == {'sigma': 0.1, 'a': 2000.0, 'heads': [0, 2], 'weights': '/w/dino.pth', 'q': '1e-1', 'n': None,
+                      'm': 'max', 'd': '2020-01-01'}  # quoted: the text; YAML dates: the text
+    assert isinstance(parsed['sigma'], float)
+    with pytest.raises(ValueError, match='sigma'):
+        shared(['sigma=0.1', 'sigma=0.2'])  # given twice
+
+
+def test_both_command_lines_parse_source_opts_alike(monkeypatch):
+    """scripts/precompute_attention.py and scripts/inference_yoda.py build the same source from the same flags."""
+    from yoda_plugin import inference
+    from yoda_plugin.attention import precompute
+    built = precompute.build_source('gaussian', parse_source_opts(['sigma=1e-1']))
+    assert built.sigma == 0.1
+    seen = {}
+
+    def capture(opt, device=None, name=None, params=None):
+        seen.update(name=name, params=params)
+        raise ValueError('stop here')  # the resolver itself is not needed
+
+    monkeypatch.setattr(inference, 'attention_source_for', capture)
+    script = load_script('inference_yoda.py')
+    args = script.build_parser().parse_args(['x.png', '-o', 'out', '--opt', 'o.yml', '--source', 'gaussian',
+                                             '--source-opt', 'sigma=1e-1', '--device', 'cpu'])
+    with pytest.raises(ValueError, match='stop here'):
+        script.build_resolver(args, {'network_g': {}})
+    assert seen == {'name': 'gaussian', 'params': {'sigma': 0.1}}
+
+
+@pytest.mark.slow
 def test_script_as_subprocess_exit_code(tmp_path):
     write_images(tmp_path / 'lr')
     out = tmp_path / 'att.lmdb'

@@ -1,4 +1,4 @@
-"""Issue 16 item 11: scripts/check_basicsr_checkout.sh sets itself up and leaves the BasicSR checkout untouched.
+"""scripts/check_basicsr_checkout.sh sets itself up and leaves the BasicSR checkout untouched.
 
 CI has no BasicSR source checkout and no internet: a fake one is built from the installed basicsr package
 (its files without version.py, a VERSION file, a minimal setup.py, a git repository when git is there), as a
@@ -63,6 +63,7 @@ def snapshot(path):
     return sorted(names), hashes
 
 
+@pytest.mark.slow
 def test_checkout_check_runs_the_checkout_and_leaves_it_unchanged(tmp_path):
     pytest.importorskip('skimage')  # the demo data come from scikit-image's photos (the [test] extra)
     checkout = fake_checkout(tmp_path / 'BasicSR')
@@ -90,6 +91,7 @@ def test_checkout_check_runs_the_checkout_and_leaves_it_unchanged(tmp_path):
     assert out.rstrip().endswith('tested the demo options with its own runners')
 
 
+@pytest.mark.slow
 def test_copy_of_a_plain_folder_and_version_py(tmp_path):
     helper = _helper()
     checkout = fake_checkout(tmp_path / 'BasicSR', git=False)
@@ -114,6 +116,7 @@ def test_copy_of_a_plain_folder_and_version_py(tmp_path):
     assert ns['__gitsha__'] == 'unknown' and ns['version_info'][0] == int(version.split('.')[0])
 
 
+@pytest.mark.slow
 def test_not_a_checkout_is_refused(tmp_path):
     env = dict(run_env(), YODA_PYTHON=sys.executable)
     proc = subprocess.run(['bash', SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)

@@ -3,6 +3,8 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from conftest import PYTHON, REPO, load_script, run, run_env, tiny_options, write_options
 
 
@@ -69,6 +71,7 @@ def table_rows(out, header_start):
     return rows
 
 
+@pytest.mark.slow
 def test_overhead_benchmark_prints_sparse_variants(tmp_path):
     proc = run([PYTHON, os.path.join(REPO, 'scripts', 'benchmark_yoda_overhead.py'), '--net', 'small', '--size', '32',
                 '--batch', '1', '--repeats', '2', '--sample-steps', '6', '--sparse', 'bbox:4', 'regions:0',
@@ -90,6 +93,7 @@ def test_overhead_benchmark_prints_sparse_variants(tmp_path):
                                             'sampling, 4 variants x 3 rounds', 'fast paths, 4 variants'])
 
 
+@pytest.mark.slow
 def test_overhead_benchmark_quick_prints_rows_as_measured(tmp_path):
     lines = run_merged([PYTHON, os.path.join(REPO, 'scripts', 'benchmark_yoda_overhead.py'), '--net', 'small',
                         '--size', '32', '--batch', '1', '--repeats', '1', '--sample-steps', '2', '--sparse',
@@ -108,6 +112,7 @@ def test_overhead_benchmark_quick_prints_rows_as_measured(tmp_path):
     assert lines[0].endswith('--quick: no gradient checkpointing or fast-path stages')
 
 
+@pytest.mark.slow
 def test_memory_benchmark_measures_and_stops_at_the_limit(tiny_data, tmp_path):
     opt = tiny_options(tiny_data, name='membench')
     opt['datasets']['train']['batch_size_per_gpu'] = 4
@@ -127,6 +132,7 @@ def test_memory_benchmark_measures_and_stops_at_the_limit(tiny_data, tmp_path):
     assert all('extrapolated; largest run: 2' in r[6] and 'not run' in r[8] for r in rows), rows
 
 
+@pytest.mark.slow
 def test_sparse_quality_benchmark_on_a_checkpoint(tiny_data, tmp_path):
     import torch
 
@@ -150,6 +156,7 @@ def test_sparse_quality_benchmark_on_a_checkpoint(tiny_data, tmp_path):
     assert bad.returncode == 2 and "sparse variant 'tiles:4': expected MODE:MARGIN" in bad.stderr
 
 
+@pytest.mark.slow
 def test_coverage_table_from_masks_alone(tmp_path):
     proc = run([PYTHON, os.path.join(REPO, 'scripts', 'benchmark_yoda_overhead.py'), '--net', 'small', '--coverage',
                 '32', '64', '--sample-steps', '20', '--sparse', 'bbox:8', 'regions:0'], cwd=tmp_path)
@@ -164,6 +171,7 @@ def test_coverage_table_from_masks_alone(tmp_path):
         assert share <= bound0 <= regions and bound0 <= bound8 <= bbox
 
 
+@pytest.mark.slow
 def test_block_sparse_convolution_is_exact_and_timed(tmp_path):
     import torch
     import torch.nn.functional as F
@@ -187,6 +195,7 @@ def test_block_sparse_convolution_is_exact_and_timed(tmp_path):
         assert float(row[6]) > 0 and 0 < float(row[7]) <= 1  # UNet estimate, share of active blocks
 
 
+@pytest.mark.slow
 def test_attention_benchmark_prints_each_row_when_measured(tmp_path):
     lines = run_merged([PYTHON, os.path.join(REPO, 'scripts', 'benchmark_attention.py'), '--count', '2', '--size',
                         '16', '--batch-size', '2', '--sources', 'gaussian,edge', '--device', 'cpu'], cwd=tmp_path)

@@ -115,7 +115,7 @@ def _batch(tiny_data):
 
 def test_val_colour_fix_reaches_the_pipeline(tiny_data, one_thread):
     """val.colour_fix -> ValOptions -> DiffusionSR: the fixed sample is the fix of the plain sample (same seed)."""
-    from yoda_plugin.models.pipeline_options import build_pipeline
+    from yoda_plugin.config import build_pipeline
     torch.manual_seed(0)
     plain = _model(tiny_data)
     batch = _batch(tiny_data)
@@ -144,7 +144,7 @@ def test_val_colour_fix_reaches_the_pipeline(tiny_data, one_thread):
 
 
 def test_unknown_colour_fix_names_the_option(tiny_data):
-    from yoda_plugin.models.pipeline_options import build_pipeline
+    from yoda_plugin.config import build_pipeline
     with pytest.raises(ValueError, match=r'val\.colour_fix must be null \(no colour fix\), wavelet or adain'):
         _model(tiny_data, val__colour_fix='histogram')
     with pytest.raises(ValueError, match=r'val\.colour_fix must be null'):

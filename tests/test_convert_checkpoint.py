@@ -5,7 +5,7 @@ official SRDiff: key names, schedule buffers and containers as those code bases 
 strictly through ``convert_checkpoint`` and through ``load_network_weights`` (``path.pretrain_network_g``),
 giving the same weights and outputs. The key names of the public layouts are hand-checked here; that the
 mapped networks compute what the original code computes was checked against that code outside the
-repository (README "Starting from published weights").
+repository (docs/published-weights.md, "How it was checked").
 """
 import glob
 import importlib.util
@@ -277,6 +277,19 @@ def test_unsafe_file_names_the_trust_switch(tmp_path):
         convert_checkpoint(src, str(tmp_path / 'out.pth'), trusted=True, image_size=16, norm_groups=8)
 
 
+def test_script_names_its_own_trust_switch(tmp_path, capsys):
+    fmt, network_g = LAYOUTS['janspiry-current']
+    src = _public_file(_build(network_g), network_g, fmt, tmp_path / 'x_gen.pth')
+    state = torch.load(src, weights_only=True)
+    state['extra'] = _Pickled()
+    torch.save(state, src)
+    assert _script_main()([src, str(tmp_path / 'out.pth'), '--image-size', '16', '--norm-groups', '8']) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'x_gen.pth' in err and '--trust-checkpoint on this command' in err
+    assert 'trust_checkpoint: true' not in err and 'YODAResolver' not in err and 'inference_yoda' not in err
+    assert not (tmp_path / 'out.pth').exists()
+
+
 # -- wrong configurations and partial loads ------------------------------------------------------------------------
 
 @pytest.mark.parametrize('layout, change, named', [
@@ -369,7 +382,7 @@ def test_models_start_from_the_original_file_and_yoda_applies(name, layout, tmp_
     from basicsr.models import build_model
     from test_options import _basicsr_like
 
-    from yoda_plugin.models.pipeline_options import build_pipeline
+    from yoda_plugin.config import build_pipeline
     from yoda_plugin.utils.options import load_options
     fmt, network_g = LAYOUTS[layout]
     original = _randomize(_build(network_g), 6)

@@ -1,4 +1,5 @@
-"""The YODA core is plain PyTorch: ``import yoda_plugin.core`` works with BasicSR, OpenCV and LMDB absent."""
+"""The YODA core is plain PyTorch: ``import yoda_plugin.core`` (and ``yoda_plugin.config``) works with BasicSR, OpenCV
+and LMDB absent."""
 import ast
 import glob
 import os
@@ -38,6 +39,10 @@ for name in ('ddpm', 'ddim', 'dpmpp_2m'):
     sampler = core.YODAConfig().wrap(core.SamplerConfig(type=name, steps=10).build(s), torch.rand(1, 1, 8, 8), x)
     out = core.sample(lambda z, k, m: torch.zeros_like(z), sampler, x)
     assert out.shape == x.shape
+import yoda_plugin.config as config  # the option sections and the pipeline builder need no BasicSR either
+sections = config.option_sections('srdiff', {'diffusion': {'sample_steps': 4}})
+assert sections['diffusion'].schedule == 'cosine'
+assert sections['backbone_opts'] == {'res_rescale': 2.0, 'clip_input': True}
 loaded = [m for m in sys.modules if sys.modules[m] is not None and m.split('.')[0] in ('basicsr', 'cv2', 'lmdb')]
 assert not loaded, loaded
 try:

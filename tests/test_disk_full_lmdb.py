@@ -1,4 +1,4 @@
-"""A full disk while writing an LMDB (issue 16 item 8, the LMDB half).
+"""A full disk while writing an LMDB (the LMDB half of the full-disk handling; checkpoints are the other).
 
 py-lmdb reports a full disk in its own words: ``lmdb.Error('mdb_txn_commit: Input/output error')`` on a full
 tmpfs (measured on a 1 MiB tmpfs), "No space left on device" on other file systems. Every LMDB writer of the
@@ -211,6 +211,7 @@ def test_image_lmdb_writer_raises_disk_full_naming_the_folder(tmp_path, full_dis
 
 # --------------------------------------------------------------------------- the scripts, in a subprocess
 
+@pytest.mark.slow
 def test_precompute_script_exits_2_with_one_line_and_a_rerun_completes(tmp_path):
     src = _images(str(tmp_path / 'lr'), 12, 32)
     out = str(tmp_path / 'att.lmdb')
@@ -229,6 +230,7 @@ def test_precompute_script_exits_2_with_one_line_and_a_rerun_completes(tmp_path)
     assert meta_keys == [f'img{i:03d}.png' for i in range(12)]  # every key exactly once
 
 
+@pytest.mark.slow
 def test_precompute_script_keeps_exit_1_for_a_failed_image(tmp_path):
     src = _images(str(tmp_path / 'lr'), 2, 32)
     with open(os.path.join(src, 'broken.png'), 'wb') as f:
@@ -239,6 +241,7 @@ def test_precompute_script_keeps_exit_1_for_a_failed_image(tmp_path):
     assert 'no space left' not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('words', ['eio', 'enospc'])
 def test_prepare_script_exits_2_with_one_line_and_a_rerun_completes(tmp_path, words):
     src = _images(str(tmp_path / 'faces'), 5, 128)
@@ -268,6 +271,7 @@ def test_prepare_script_exits_2_with_one_line_and_a_rerun_completes(tmp_path, wo
     assert proc.returncode == 0 and 'complete already' in proc.stdout, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_prepare_script_disk_full_in_the_attention_stage(tmp_path):
     src = _images(str(tmp_path / 'faces'), 5, 128)
     root = str(tmp_path / 'datasets')

@@ -1,14 +1,18 @@
-"""The GPU check (issue 17) at toy sizes on the CPU: every row it promises, all passing, and failures counted."""
+"""The GPU check at toy sizes on the CPU: every row it promises, all passing, and failures counted."""
+import glob
 import json
+import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
 
-from conftest import run_env
+from conftest import REPO, run, run_env
 
-from yoda_plugin import gpu_check
+from yoda_plugin.apps import gpu_check
 
 MODELS = ('sr3', 'srdiff')
 SCENARIOS = (128, 256, 512)
@@ -28,12 +32,13 @@ def expected_rows():
 
 def run_check(tmp_path, *args, timeout=600):
     out = tmp_path / 'out'
-    cmd = [sys.executable, '-m', 'yoda_plugin.gpu_check', '--device', 'cpu', '--quick', '--out', str(out), *args]
+    cmd = [sys.executable, '-m', 'yoda_plugin.apps.gpu_check', '--device', 'cpu', '--quick', '--out', str(out), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=timeout)
     table = json.loads((out / 'table.json').read_text()) if (out / 'table.json').exists() else None
     return proc, out, table
 
 
+@pytest.mark.slow
 def test_quick_cpu_check_runs_every_row_and_passes(tmp_path):
     proc, out, table = run_check(tmp_path)
     assert proc.returncode == 0, f'{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}'
@@ -61,6 +66,7 @@ def test_quick_cpu_check_runs_every_row_and_passes(tmp_path):
     assert (out / 'work' / 'logs' / 'torchrun_sr3_resume.log').exists()
 
 
+@pytest.mark.slow
 def test_a_failing_row_is_reported_the_rest_runs_and_the_exit_status_is_1(tmp_path):
     proc, out, table = run_check(tmp_path, '--stages', 'env,attention', '--fail-row', 'attention/dino_vits8')
     assert proc.returncode == 1, proc.stdout[-3000:]
@@ -117,3 +123,56 @@ def test_training_checks_name_what_a_run_did_not_do(tmp_path):
     torch.save({'iter': 4}, exp / 'training_states' / '4.state')  # fp16 without the GradScaler's state
     problems = gpu_check.check_training_output(run, 1, 'Traceback\nboom', good, str(exp), 4, False)
     assert problems == ['exit code 1: Traceback / boom', 'no valid GradScaler state in 4.state (scale None)']
+
+
+def test_embedded_scenarios_are_the_option_files():
+    """The check reads no option file (an installed package has none); its scenarios say what the files say."""
+    from yoda_plugin.utils.options import load_options
+    for path, embedded in gpu_check.SCENARIOS.items():
+        opt = load_options(os.path.join(REPO, path))
+        for key in ('name', 'model_type', 'scale', 'diffusion', 'yoda'):
+            assert embedded[key] == opt[key], (path, key)
+        assert embedded['network_g'] == {k: v for k, v in opt['network_g'].items() if k != 'use_checkpoint'}, path
+        assert opt['network_g'].get('use_checkpoint', False) is False
+        assert all(embedded['train'][k] == opt['train'][k] for k in embedded['train']), path
+        assert embedded['datasets']['train']['batch_size_per_gpu'] == opt['datasets']['train']['batch_size_per_gpu']
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_runs_the_quick_check_outside_the_clone(tmp_path):
+    """``pip install .`` into a fresh environment (dependencies reused from this one), then the quick check from a
+    folder outside the clone: the training runs under torchrun, the network and attention rows."""
+    src = tmp_path / 'src'
+    shutil.copytree(os.path.join(REPO, 'yoda_plugin'), src / 'yoda_plugin',
+                    ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+    for name in ('setup.py', 'README.md'):
+        shutil.copy(os.path.join(REPO, name), src / name)
+    run([sys.executable, '-m', 'pip', 'wheel', str(src), '--no-deps', '--no-build-isolation', '-q', '-w',
+         str(tmp_path / 'wheel')], cwd=tmp_path, timeout=600)
+    venv = tmp_path / 'venv'
+    run([sys.executable, '-m', 'venv', str(venv)], cwd=tmp_path, timeout=300)
+    python = str(venv / 'bin' / 'python')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env['OMP_NUM_THREADS'] = '1'
+    site = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'], env=env,
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # torch, BasicSR, ... from this environment; its editable yoda_plugin is not seen (no .pth of it runs)
+    with open(os.path.join(site, 'test_dependencies.pth'), 'w') as f:
+        f.write(sysconfig.get_paths()['purelib'] + '\n')
+    wheel = glob.glob(str(tmp_path / 'wheel' / 'yoda_plugin-*.whl'))
+    assert len(wheel) == 1, wheel
+    subprocess.run([python, '-m', 'pip', 'install', '--no-deps', '--no-index', '-q', wheel[0]], env=env, check=True,
+                   capture_output=True, timeout=600)
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    where = subprocess.run([python, '-c', 'import yoda_plugin; print(yoda_plugin.__file__)'], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(site), where  # the installed copy, not the clone
+    out = elsewhere / 'out'
+    proc = subprocess.run([str(venv / 'bin' / 'yoda-gpu-check'), '--device', 'cpu', '--quick', '--stages',
+                           'env,torchrun,network,attention', '--out', str(out)], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f'{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}'
+    rows = {r['id']: r for r in json.loads((out / 'table.json').read_text())['rows']}
+    assert rows['torchrun/sr3/resume']['status'] == 'PASS' and rows['network/512/train/fp32']['status'] == 'PASS'
+    assert {r['status'] for r in rows.values()} <= {'PASS', 'SKIP'}

@@ -130,6 +130,7 @@ print('read', float(read_attention_lmdb(path, 'a')[0, 0]))
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['same_process', 'stale'])
 def test_import_and_writer_lock_without_fcntl(tmp_path, mode):
     path = tmp_path / 'att.lmdb'
@@ -143,6 +144,7 @@ def test_import_and_writer_lock_without_fcntl(tmp_path, mode):
     assert not (path / 'yoda_writer.lock').exists(), 'the exclusive-create lock file is removed on release'
 
 
+@pytest.mark.slow
 def test_writer_lock_without_fcntl_refuses_another_process(tmp_path):
     path = tmp_path / 'att.lmdb'
     holder = subprocess.Popen([PYTHON, '-c', _NO_FCNTL, str(path), 'hold'], env=run_env(), stdin=subprocess.PIPE,
@@ -210,6 +212,7 @@ print(sorted(os.listdir(opt['path']['experiments_root'])))
 '''
 
 
+@pytest.mark.slow
 def test_trust_checkpoint_with_basicsr_imported_first(tmp_path):
     import yaml
     root = tmp_path / 'exp'
@@ -223,6 +226,7 @@ def test_trust_checkpoint_with_basicsr_imported_first(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['exp', 'opt.yml']
 
 
+@pytest.mark.slow
 def test_basicsr_test_py_loads_trusted_checkpoint(tiny_data, tmp_path):
     """BasicSR's own test pipeline with path.trust_checkpoint: true loads a checkpoint that needs unpickling."""
     import fractions
@@ -311,6 +315,7 @@ def test_resolver_honours_trust_checkpoint_argument_and_option(tiny_data, tmp_pa
 
 # -- item 9 (parts): empty precompute input, folders named like images, optimizer type changed at resume ---------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', ['folder', 'folder_with_subfolder', 'lmdb'])
 def test_precompute_on_empty_input_is_an_error_and_creates_nothing(tmp_path, kind):
     from conftest import PRECOMPUTE_SCRIPT
@@ -441,6 +446,7 @@ def test_meta_info_file_needs_attention_maps_of_the_subset_only(tiny_data, tmp_p
     assert len(ds) == 1 and float(ds[0]['attention'].mean()) == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_training_resumed_with_another_optimizer_type_stops_at_resume(tiny_data, tmp_path):
     import glob
 
@@ -456,6 +462,10 @@ def test_training_resumed_with_another_optimizer_type_stops_at_resume(tiny_data,
     opt['train']['optim_g'] = {'type': 'SGD', 'lr': 1e-3, 'momentum': 0.9}
     opt['train']['total_iter'] = 4
     write_options(opt_path, opt)
+    proc = run([PYTHON, '-m', 'yoda_plugin', 'train', '-opt', opt_path, '--auto_resume'], cwd=tmp_path, check=False)
+    out = proc.stdout + proc.stderr  # the settings record refuses it first, before anything is written
+    assert proc.returncode == 2 and 'train.optim_g.type: "AdamW" -> "SGD"' in out and 'Traceback' not in out
+    os.remove(exp / 'yoda_settings.json')  # a folder from before settings records: the model's own check
     proc = run([PYTHON, '-m', 'yoda_plugin', 'train', '-opt', opt_path, '--auto_resume'], cwd=tmp_path, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -560,7 +570,8 @@ def _save_pair(exp, it, weights):
 
 
 def test_auto_resume_skips_corrupt_and_non_finite_states_and_removes_stale_temporary_files(tmp_path, basicsr_log):
-    from yoda_plugin.utils import options as uopt
+    from yoda_plugin.runner import resume as uopt
+    from yoda_plugin.runner.patches import flushing_root_logger
     exp = tmp_path / 'experiments' / 'r'
     (exp / 'training_states').mkdir(parents=True)
     (exp / 'models').mkdir()
@@ -581,7 +592,7 @@ def test_auto_resume_skips_corrupt_and_non_finite_states_and_removes_stale_tempo
         assert state['iter'] == 2 and opt['path']['pretrain_network_g'].endswith('net_g_2.pth')
         assert not stale.exists() and live.exists() and alive
         assert not basicsr_log, 'nothing may be logged before BasicSR has set up its log file'
-        flushed = uopt._flushing_root_logger(lambda *a, **k: __import__('basicsr.utils', fromlist=['x'])
+        flushed = flushing_root_logger(lambda *a, **k: __import__('basicsr.utils', fromlist=['x'])
                                              .get_root_logger())
         flushed()
     finally:
@@ -594,6 +605,7 @@ def test_auto_resume_skips_corrupt_and_non_finite_states_and_removes_stale_tempo
     assert 'resuming from iteration 2, the newest complete checkpoint' in text
 
 
+@pytest.mark.slow
 def test_auto_resume_fallback_run_keeps_its_log(tiny_data, tmp_path):
     """A real run: the newest state is torn, --auto_resume falls back, and the resumed run has its train_*.log."""
     import glob
@@ -620,6 +632,7 @@ def test_auto_resume_fallback_run_keeps_its_log(tiny_data, tmp_path):
 
 # -- item 10: BasicSR's own runner on a CPU machine: torchrun and --auto_resume ----------------------------
 
+@pytest.mark.slow
 def test_basicsr_own_train_py_runs_torchrun_and_auto_resume_without_cuda(tiny_data, tmp_path):
     import glob
 
@@ -684,6 +697,7 @@ def test_atomic_save_on_a_full_disk_names_the_path_and_keeps_the_old_file(tmp_pa
         checkpoint.atomic_torch_save({'params': {'w': torch.zeros(2)}}, path)
 
 
+@pytest.mark.slow
 def test_training_on_a_full_disk_exits_2_with_one_line(tiny_data, tmp_path):
     from conftest import tiny_options, write_options
     opt = tiny_options(tiny_data, name='full', total_iter=2, logger__save_checkpoint_freq=2, val__val_freq=10**6,
@@ -711,6 +725,7 @@ def test_training_on_a_full_disk_exits_2_with_one_line(tiny_data, tmp_path):
 
 # -- item 9 (rest): inference needs no LPIPS weights and leaves no temporary folder ------------------------
 
+@pytest.mark.slow
 def test_inference_without_lpips_weights_leaves_no_temporary_folder(tiny_data, tmp_path):
     import cv2
     import numpy as np

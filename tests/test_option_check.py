@@ -1,4 +1,4 @@
-"""The runners' whole-tree option check (yoda_plugin/utils/option_check.py), one test per case of issue 16 item 7.
+"""The runners' whole-tree option check (yoda_plugin/runner/option_check.py), one test per refused case.
 
 Each bad option file is refused with a message naming the file and the key (and the closest known key or the
 expected type), exit code 2, and nothing is created on disk. Most cases run in-process through BasicSR's real
@@ -15,8 +15,8 @@ import yaml
 
 from conftest import PYTHON, REPO, run_env, tiny_options, write_options
 
-from yoda_plugin.utils import option_check
-from yoda_plugin.utils.option_check import OptionError, check_option_tree, checked_parse_options
+from yoda_plugin.runner.option_check import OptionError, check_option_tree
+from yoda_plugin.runner.patches import USAGE_EXIT_CODE, checked_parse_options
 from yoda_plugin.utils.options import SafeOptionLoader, load_options
 
 DATA = os.path.join('nonexistent', 'data')  # never read: the check comes first
@@ -79,13 +79,15 @@ def _run_runner(tmp_path, args):
     return proc.stderr.strip().splitlines()[-1]
 
 
-# -- the issue's cases --------------------------------------------------------------------------------------------
+# -- the refused cases --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_top_level_list_is_refused_by_the_training_runner(tmp_path):
     path = _write(tmp_path, '- name: x\n- num_gpu: 0\n')
     err = _run_runner(tmp_path, [os.path.join(REPO, 'yoda_plugin', 'train.py'), '-opt', path])
     assert err == f'error: option file {path} must contain a mapping at top level, got list'
 
 
+@pytest.mark.slow
 def test_empty_file_is_refused_by_the_test_runner(tmp_path):
     path = _write(tmp_path, '# nothing but a comment\n', 'test_empty.yml')
     err = _run_runner(tmp_path, [os.path.join(REPO, 'yoda_plugin', 'test.py'), '-opt', path])
@@ -137,6 +139,7 @@ def test_duplicate_key_names_its_path_and_both_lines(tmp_path, refused):
         load_options(path)  # the loader itself refuses it: every user of load_options
 
 
+@pytest.mark.slow
 def test_force_yml_with_a_mapping_value_names_the_entry(tmp_path):
     path = _write(tmp_path, _options_text(tmp_path))
     err = _run_runner(tmp_path, ['-m', 'yoda_plugin', 'train', '-opt', path,
@@ -168,6 +171,7 @@ def test_num_gpu_without_cuda_suggests_zero_or_auto(tmp_path, refused, monkeypat
     assert ok['num_gpu'] == 0
 
 
+@pytest.mark.slow
 def test_num_gpu_beyond_the_visible_devices_is_refused_by_the_runner(tmp_path):
     path = _write(tmp_path, _options_text(tmp_path).replace('\nnum_gpu: auto\n', '\nnum_gpu: 99\n'))
     err = _run_runner(tmp_path, [os.path.join(REPO, 'yoda_plugin', 'train.py'), '-opt', path])
@@ -222,4 +226,69 @@ def test_library_check_reports_every_problem_in_one_error():
         check_option_tree(opt, True, 'x.yml', cuda_devices=0)
     assert str(info.value).startswith('option file x.yml: unknown key manual_sed (did you mean manual_seed?); '
                                       'unknown key train.ema_dcay (did you mean train.ema_decay?)')
-    assert isinstance(info.value, ValueError) and option_check.USAGE_EXIT_CODE == 2
+    assert isinstance(info.value, ValueError) and USAGE_EXIT_CODE == 2
+
+
+# -- keyword sections against the signature of what they build ----------------------------------------------------
+@pytest.mark.parametrize('old, new, named', [
+    ('  norm_groups: 8\n', '  norm_group: 8\n', 'unknown key network_g.norm_group (did you mean network_g.norm_groups?)'),
+    ('    weight_decay: 0.0001\n', '    weight_decy: 0.0001\n',
+     'unknown key train.optim_g.weight_decy (did you mean train.optim_g.weight_decay?)'),
+    ('    type: AdamW\n', '    type: Adamw\n', "train.optim_g.type: 'Adamw' is no torch.optim optimizer (did you mean AdamW?)"),
+    ('    gamma: 1.0\n', '    gama: 1.0\n', 'unknown key train.scheduler.gama (did you mean train.scheduler.gamma?)'),
+    ('    milestones:\n    - 100000\n', '', 'missing key train.scheduler.milestones (required by MultiStepRestartLR)'),
+    ('    loss_weight: 1.0\n', '    loss_weigth: 1.0\n',
+     'unknown key train.pixel_opt.loss_weigth (did you mean train.pixel_opt.loss_weight?)'),
+    ('    type: MaskedNoiseLoss\n', '    type: MaskedNoiseLos\n', "train.pixel_opt.type: 'MaskedNoiseLos' is no registered loss"),
+    ('      crop_border: 0\n      test_y_channel: false\n    ssim:', '      test_y_channel: false\n    ssim:',
+     'missing key val.metrics.psnr.crop_border (required by calculate_psnr)'),
+], ids=['arch', 'optimizer', 'optimizer-type', 'scheduler', 'scheduler-required', 'loss', 'loss-type', 'metric'])
+def test_keyword_typos_get_the_closest_keyword_not_a_type_error(tmp_path, refused, old, new, named):
+    text = _options_text(tmp_path)
+    assert old in text
+    err = refused(_write(tmp_path, text.replace(old, new, 1)))
+    assert named in err, err
+    assert 'TypeError' not in err and 'unexpected keyword' not in err
+
+
+@pytest.mark.slow
+@pytest.mark.slow
+def test_sampler_steps_beyond_the_schedule_are_refused_by_the_test_runner(tmp_path):
+    text = _options_text(tmp_path, train=False)
+    assert '  sample_seed: 0\n' in text
+    path = _write(tmp_path, text.replace('  sample_seed: 0\n', '  sample_seed: 0\n  sampler:\n    type: ddim\n'
+                                                              '    steps: 500\n'), 'test_steps.yml')
+    err = _run_runner(tmp_path, [os.path.join(REPO, 'yoda_plugin', 'test.py'), '-opt', path])
+    assert err.startswith(f'error: option file {path}: ') and 'val.sampler.steps' in err
+    assert 'num_timesteps=100' in err and '500' in err
+
+
+@pytest.mark.slow
+@pytest.mark.slow
+def test_a_typo_in_network_g_leaves_the_experiment_folder_alone(tmp_path):
+    exp = tmp_path / 'experiments' / 'bad'
+    exp.mkdir(parents=True)
+    (exp / 'train_bad.yml').write_text('the earlier run\n')
+    path = _write(tmp_path, _options_text(tmp_path).replace('  norm_groups: 8\n', '  norm_group: 8\n'))
+    err = _run_runner(tmp_path, ['-m', 'yoda_plugin', 'train', '-opt', path])  # the tree must not change
+    assert 'network_g.norm_group (did you mean network_g.norm_groups?)' in err
+    assert (exp / 'train_bad.yml').read_text() == 'the earlier run\n'
+
+
+# -- the safe loader -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('tag, why', [('yoda_plugin.os.system', 'yoda_plugin.os is no module of yoda_plugin'),
+                                      ('os.system', 'os is not yoda_plugin'),
+                                      ('yoda_plugin.nothing', "yoda_plugin has no attribute 'nothing'")])
+def test_refused_python_name_tag_says_refused_and_why(tmp_path, tag, why):
+    path = _write(tmp_path, f'yoda_plugin: !!python/name:{tag}\n' + _options_text(tmp_path).split('\n', 1)[1])
+    with pytest.raises(ValueError) as info:
+        load_options(path)
+    assert f'refusing tag !!python/name:{tag}: {why}' in str(info.value) and path in str(info.value)
+
+
+@pytest.mark.slow
+def test_refused_python_name_tag_is_one_line_from_the_runner(tmp_path):
+    tag = 'yoda_plugin.os.system'
+    path = _write(tmp_path, f'yoda_plugin: !!python/name:{tag}\n' + _options_text(tmp_path).split('\n', 1)[1])
+    err = _run_runner(tmp_path, [os.path.join(REPO, 'yoda_plugin', 'train.py'), '-opt', path])
+    assert f'refusing tag !!python/name:{tag}' in err and 'ModuleNotFoundError' not in err

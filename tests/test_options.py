@@ -1,7 +1,7 @@
 """Every option file under options/ (recursively) parses, builds and passes the runners' option check.
 
 For each file: the safe loader parses it; the whole-tree check our runners run after
-BasicSR's ``parse_options`` (:func:`yoda_plugin.utils.option_check.check_option_tree`:
+BasicSR's ``parse_options`` (:func:`yoda_plugin.runner.option_check.check_option_tree`:
 known keys of every section, required keys and types, registered types, metric
 options against their functions' parameters, attention_meta against its source's
 parameters, our models' sections) passes on the tree ``parse_options`` makes of it;
@@ -27,7 +27,7 @@ import torch
 from conftest import PYTHON, REPO, run_env
 
 import yoda_plugin  # noqa: F401
-from yoda_plugin.utils.option_check import check_option_tree, model_extra_keys, unknown_keys
+from yoda_plugin.runner.option_check import check_option_tree, model_extra_keys, unknown_keys
 from yoda_plugin.utils.options import load_options
 
 OPTION_FILES = sorted(glob.glob(os.path.join(REPO, 'options', '**', '*.yml'), recursive=True))
@@ -70,6 +70,7 @@ def test_option_files_found():
     assert sum(n.startswith('options/ablation/test_') for n in names) == 19
 
 
+@pytest.mark.slow
 def test_ablation_options_are_up_to_date():
     proc = subprocess.run([PYTHON, os.path.join(REPO, 'scripts', 'make_ablation_options.py'), '--check'],
                           capture_output=True, text=True, env=run_env(), timeout=120)
@@ -95,7 +96,7 @@ def check_option_file(path, tmp_path):
         assert key in opt, f'{key} is missing'
     assert opt['model_type'] in MODEL_REGISTRY, f'unknown model_type {opt["model_type"]}'
     is_train = 'train' in opt
-    # The runners' whole-tree check (yoda_plugin/utils/option_check.py) on the tree BasicSR's parse_options makes.
+    # The runners' whole-tree check (yoda_plugin/runner/option_check.py) on the tree BasicSR's parse_options makes.
     check_option_tree(_basicsr_like(opt, is_train, str(tmp_path / 'root')), is_train, _rel(path), cuda_devices=0)
 
     phases = {p.split('_')[0] for p in opt['datasets']}

@@ -98,6 +98,7 @@ def check_complete(out, reference):
 # --------------------------------------------------------------------------- real torchrun runs
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_merge_into_one_lmdb_with_previews(tmp_path, reference):
     lr = write_images(tmp_path / 'lr', corrupt='im0b')  # sorted position 1: handled (and failed) by rank 1
     out = tmp_path / 'att.lmdb'
@@ -121,6 +122,7 @@ def test_torchrun_two_ranks_merge_into_one_lmdb_with_previews(tmp_path, referenc
         assert strip.shape == (128, 2 * tile_width, 3)
 
 
+@pytest.mark.slow
 def test_torchrun_resumes_an_interrupted_merge(tmp_path, reference):
     lr = write_images(tmp_path / 'lr')
     out, shards = interrupted_state(tmp_path, reference['values'])
@@ -197,13 +199,9 @@ def test_previews_of_deterministic_and_dino_sources(tmp_path):
 
 
 def test_device_option(tmp_path, script, capsys):
-    class Args:
-        source, source_opt, device = 'edge', [], 'cuda'
-
-    assert build_source(Args()).config()['name'] == 'edge'  # deterministic sources ignore --device
-    Args.device = 'not-a-device'
+    assert build_source('edge', {}, 'cuda').config()['name'] == 'edge'  # deterministic sources ignore --device
     with pytest.raises(ValueError, match='not a torch device'):
-        build_source(Args())
+        build_source('edge', {}, 'not-a-device')
     assert str(resolve_device('cpu', local_rank=1)) == 'cpu'
     assert str(resolve_device(None)) == ('cuda' if torch.cuda.is_available() else 'cpu')
     assert source_takes_device('dino_vits8') and not source_takes_device('sift')

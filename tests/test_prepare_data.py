@@ -10,6 +10,7 @@ import copy
 import glob
 import importlib.util
 import io
+import json
 import os
 import shutil
 
@@ -315,6 +316,12 @@ def test_resume_after_a_hard_kill(prepared, inputs, tmp_path):
     lr16 = out / 'FFHQ' / 'lr_16.lmdb'
     assert sorted(lmdb_items(str(lr16))) == ['00000']
     assert not (lr16 / 'meta_info.txt').exists() and not (lr16 / prepare.COMPLETE_FILE).exists()
+    option_file = tmp_path / 'check.yml'
+    option_file.write_text(f'scale: 8\ndatasets:\n  train:\n    dataroot_gt: {out / "FFHQ" / "hr_128.lmdb"}\n'
+                           f'    dataroot_lq: {lr16}\n')
+    code, log = run_cli('--check', option_file)
+    assert code == 1 and f'{lr16} is incomplete' in log and 'rerun the same command' in log, log
+    assert 'not a BasicSR LMDB' not in log
     code, log = run_cli(*command)  # the dead writer's lock was freed with it
     assert code == 0 and '2 input(s) written, 1 already present, 0 failed' in log, log
     for name in ('lr_16', 'hr_128'):
@@ -375,9 +382,84 @@ def test_setup_errors_stop_before_any_work(inputs, tmp_path, monkeypatch):
     foreign = out / 'FFHQ' / 'hr_128.lmdb'
     foreign.parent.mkdir(parents=True)
     write_image_lmdb(str(foreign), {'x': np.zeros((4, 4, 3), np.uint8)})
+    before = sorted(os.listdir(foreign))
     code, log = run_cli(*face_command(inputs, out, '--scenarios', '16_128'))
     assert code == 2 and 'prepare_data did not make' in log
     assert sorted(lmdb_items(str(foreign))) == ['x']  # untouched
+    assert sorted(os.listdir(foreign)) == before and not (foreign / prepare.LOCK_FILE).exists()
+    assert os.listdir(out / 'FFHQ') == ['hr_128.lmdb']  # refused before any target was made
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reruns with other settings
+# --------------------------------------------------------------------------------------------------------------
+
+def _files(root):
+    """{relative path: bytes} of every file under ``root`` but lock files (what a refused rerun must keep)."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if not name.endswith('.lock'):
+                path = os.path.join(folder, name)
+                with open(path, 'rb') as f:
+                    out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def _one_error(log):
+    errors = [line for line in log.splitlines() if 'error:' in line]
+    assert len(errors) == 1 and 'Traceback' not in log, log
+    return errors[0]
+
+
+def test_rerun_with_other_inputs_is_refused_until_forced(inputs, tmp_path):
+    out = tmp_path / 'datasets'
+    base = ['--output', out, '--scenarios', '16_128', '--workers', 1, '--no-progress', '--attention', 'edge']
+    assert run_cli('faces', '--input', inputs['root'] / 'ffhq', *base)[0] == 0
+    before = _files(out)
+    other = tmp_path / 'other'
+    _save(str(other / 'zz.png'), inputs['faces']['00000'])
+    code, log = run_cli('faces', '--input', other, *base)
+    line = _one_error(log)
+    assert code == 2 and str(out / 'FFHQ' / 'lr_16.lmdb') in line and "['00000', '00001', '00002']" in line
+    assert '--force' in line and '--output' in line
+    assert _files(out) == before
+    code, log = run_cli('faces', '--input', other, *base, '--force')
+    assert code == 0, log
+    names = sorted(os.listdir(out / 'FFHQ'))
+    for name in ('lr_16', 'hr_128', 'attention_edge_16'):
+        assert sum(n.startswith(f'{name}.lmdb_archived_') for n in names) == 1, names
+        assert sorted(lmdb_items(str(out / 'FFHQ' / f'{name}.lmdb'))) == ['zz']
+
+
+def test_rerun_with_another_recipe_or_attention_options_is_refused_until_forced(inputs, tmp_path):
+    out = tmp_path / 'datasets'
+    base = ['--output', out, '--scenarios', '16_128', '--workers', 1, '--no-progress', '--limit', 1]
+    assert run_cli('faces', '--input', inputs['root'] / 'ffhq', *base, '--attention', 'edge')[0] == 0
+    lr16 = out / 'FFHQ' / 'lr_16.lmdb'
+    recipe = json.loads((lr16 / prepare.RECIPE_FILE).read_text())
+    marker = (lr16 / prepare.COMPLETE_FILE).read_text()
+    (lr16 / prepare.RECIPE_FILE).write_text(json.dumps({**recipe, 'resize': 'older'}))  # an unfinished older run
+    (lr16 / prepare.COMPLETE_FILE).unlink()
+    before = _files(out)
+    code, log = run_cli('faces', '--input', inputs['root'] / 'ffhq', *base, '--attention', 'edge')
+    line = _one_error(log)
+    assert code == 2 and str(lr16) in line and 'resize: "older" -> ' in line and '--force' in line
+    assert _files(out) == before
+    (lr16 / prepare.RECIPE_FILE).write_text(json.dumps(recipe))
+    (lr16 / prepare.COMPLETE_FILE).write_text(marker)
+    before = _files(out)
+
+    changed = ['--attention', 'edge', '--attention-opt', 'edge.blur_sigma=0.1']
+    code, log = run_cli('faces', '--input', inputs['root'] / 'ffhq', *base, *changed)
+    line = _one_error(log)
+    assert code == 2 and 'attention_edge_16.lmdb' in line and 'source.blur_sigma: 0.03 -> 0.1' in line, log
+    assert _files(out) == before
+    code, log = run_cli('faces', '--input', inputs['root'] / 'ffhq', *base, *changed, '--force')
+    assert code == 0, log
+    assert any(n.startswith('attention_edge_16.lmdb_archived_') for n in os.listdir(out / 'FFHQ'))
+    meta = json.loads((out / 'FFHQ' / 'attention_edge_16.lmdb' / 'yoda_attention.json').read_text())
+    assert meta['source']['blur_sigma'] == 0.1
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 from conftest import PYTHON, run_env, tiny_options, write_options
 from yoda_plugin.core import check_attention, time_dependent_mask
 from yoda_plugin.models.sr3_model import atomic_torch_save, load_checkpoint
-from yoda_plugin.utils.options import load_resume_state_any_device
+from yoda_plugin.runner.resume import load_resume_state_any_device
 
 
 class Custom:  # a class instance inside a checkpoint needs unsafe unpickling
@@ -70,10 +70,11 @@ def test_auto_resume_takes_newest_complete_checkpoint(tmp_path):
     state = load_resume_state_any_device(opt)
     assert state['iter'] == 4
     assert opt['path']['pretrain_network_g'].endswith('net_g_4.pth')
-    from yoda_plugin.utils import options as uopt
+    from yoda_plugin.runner import resume as uopt
     uopt._PENDING_RESUME.clear()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('policy', ['raise', 'skip'])
 def test_diverging_run_stops_without_saving_non_finite_weights(tiny_data, tmp_path, policy):
     """lr 1e30: the weights overflow within a few steps; under either policy the run stops naming the
@@ -152,6 +153,7 @@ def _make_lr_folder(folder, n, size=24):
         cv2.imwrite(str(folder / f'img_{i:03d}.png'), synthetic_image(rng, size)[:, :, ::-1])
 
 
+@pytest.mark.slow
 def test_precompute_killed_midway_then_rerun_completes(tmp_path):
     """SIGKILL the attention precompute mid-run; the rerun finishes with every key once and exact values."""
     import signal
@@ -194,6 +196,7 @@ def test_precompute_killed_midway_then_rerun_completes(tmp_path):
         assert (read_attention_lmdb(str(out), key) == read_attention_lmdb(str(clean), key)).all()
 
 
+@pytest.mark.slow
 def test_second_process_writing_the_same_lmdb_is_refused(tmp_path):
     """A writer holds the folder in one process; a writer in another process is refused, nothing corrupted."""
     import numpy as np
@@ -225,3 +228,14 @@ def test_fuzz_attention_decoding_fails_clearly(value):
         assert 'fuzzed_key' in str(err)
         return
     assert amap.dtype.name == 'float32' and amap.ndim == 2
+
+
+@pytest.mark.parametrize('text', ['e', 'hello world\n', 'x: 1\n'])
+def test_text_file_as_a_checkpoint_is_named_without_the_unpicklers_words(tmp_path, text):
+    path = tmp_path / 'notes.pth'
+    path.write_text(text)
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(str(path))
+    message = str(info.value)
+    assert 'notes.pth' in message and 'text file' in message
+    assert not any(word in message for word in ('IndexError', 'KeyError', 'pop from empty list', 'UnpicklingError'))

@@ -99,6 +99,7 @@ def test_missing_lpips_weights_fail_at_model_setup(tiny_data, monkeypatch, tmp_p
         model_and_batch(tiny_data, val__metrics=metrics)
 
 
+@pytest.mark.slow  # torch.compile (aot_eager) of the UNet: ~20 s on a busy 2-core machine
 def test_channels_last_and_compile_match_the_plain_model(tiny_data):
     """Fast-path options change memory layout / wrap forward, not results (CPU; compile with the eager backend)."""
     results = []
@@ -199,10 +200,10 @@ def test_option_sections_refuse_bad_values(tiny_data):
 
 
 def test_build_pipeline_from_options_is_the_models_pipeline(tiny_data):
-    """yoda_plugin.models.pipeline_options.build_pipeline (the inference API's builder) == the model's pipeline."""
+    """yoda_plugin.config.build_pipeline (the inference API's builder) == the model's pipeline."""
     import copy
 
-    from yoda_plugin.models.pipeline_options import build_pipeline
+    from yoda_plugin.config import build_pipeline
     torch.manual_seed(0)
     model, batch = model_and_batch(tiny_data)
     opt = tiny_options(tiny_data)

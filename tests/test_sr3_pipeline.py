@@ -13,6 +13,7 @@ import yaml
 from conftest import PYTHON, REPO, run, run_env, tiny_options, train_log, write_options
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('yoda', [True, False], ids=['yoda', 'vanilla'])
 def test_train_validate_checkpoint_and_test(tiny_data, tmp_path, yoda):
     name = f'run_{"yoda" if yoda else "vanilla"}'
@@ -54,6 +55,7 @@ def test_train_validate_checkpoint_and_test(tiny_data, tmp_path, yoda):
     assert len(glob.glob(str(results / 'visualization' / 'tiny_val' / '*.png'))) == 2
 
 
+@pytest.mark.slow
 def test_kill_and_auto_resume(tiny_data, tmp_path):
     """SIGKILL a run between checkpoints, restart with --auto_resume: it continues from the last state."""
     opt = tiny_options(tiny_data, name='resume', total_iter=10000, logger__save_checkpoint_freq=2,
@@ -86,6 +88,7 @@ def test_kill_and_auto_resume(tiny_data, tmp_path):
     assert state['optimizers'][0]['state'], 'optimizer moments restored and updated'
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_stay_in_sync(tiny_data, tmp_path):
     # BasicSR ends training after its computed epochs; enlarge the tiny set so 4 iterations happen.
     opt = tiny_options(tiny_data, name='dist', total_iter=4, logger__save_checkpoint_freq=2,
@@ -110,6 +113,7 @@ def test_torchrun_two_cpu_processes_stay_in_sync(tiny_data, tmp_path):
     assert [e.step for e in events.Images('images/tiny_val/val_01')] == [4]
 
 
+@pytest.mark.slow
 def test_last_iteration_off_the_validation_grid_is_validated_under_its_number(tiny_data, tmp_path):
     opt = tiny_options(tiny_data, name='offgrid', total_iter=3, val__val_freq=2, logger__save_checkpoint_freq=100)
     run([PYTHON, '-m', 'yoda_plugin', 'train', '-opt', write_options(tmp_path / 'train.yml', opt)], cwd=tmp_path)
@@ -120,6 +124,7 @@ def test_last_iteration_off_the_validation_grid_is_validated_under_its_number(ti
     assert images == ['val_00_2.png', 'val_00_3.png']
 
 
+@pytest.mark.slow
 def test_basicsr_loader_imports_plugin_from_option_file(tmp_path):
     """BasicSR's runners parse options with PyYAML's full Loader: our option line imports the plugin."""
     code = ('import yaml, sys\n'
@@ -149,6 +154,7 @@ def test_safe_loader_refuses_foreign_python_tags(tmp_path):
         assert yaml.load(f, Loader=yaml.Loader)['diffusion']['num_timesteps'] == 500
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data, tmp_path):
     """N iterations in one go == N/2, stop, --auto_resume to N: bitwise equal weights, EMA and optimizer (CPU)."""
     def opt_for(name, total):
@@ -173,6 +179,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_data, tmp_path):
         assert torch.equal(st['exp_avg'], sb['optimizers'][0]['state'][i]['exp_avg'])
 
 
+@pytest.mark.slow
 def test_distributed_test_splits_images_and_equals_single_process(tiny_data, tmp_path):
     """torchrun testing: ranks share the images, rank 0 gathers; per-image metrics equal one process."""
     opt = tiny_options(tiny_data, name='pre', total_iter=1, logger__save_checkpoint_freq=100, val__val_freq=100)

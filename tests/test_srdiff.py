@@ -12,9 +12,10 @@ from torch import nn
 from conftest import PYTHON, REPO, apply_overrides, run, tiny_options, train_log, write_options
 
 from yoda_plugin.archs.srdiff_arch import SRDiffNet
-from yoda_plugin.core import DDPMSampler, DiffusionSchedule, YODAConfig, predict_start_from_noise, q_posterior, sample
+from yoda_plugin.core import (DDPMSampler, DiffusionSchedule, SRDiffAdapter, YODAConfig, predict_start_from_noise,
+                              q_posterior, sample)
 from yoda_plugin.core.tiling import TiledDenoiser, check_tiling, tile_boxes, tile_window
-from yoda_plugin.models.srdiff_model import SRDiffModel, from_residual, to_residual
+from yoda_plugin.models.srdiff_model import SRDiffModel
 
 TINY_RRDB = {'num_feat': 8, 'num_block': 2, 'num_grow_ch': 4}
 TINY_NET = {'type': 'SRDiffNet', 'scale': 4, 'rrdb_num_feat': 8, 'rrdb_num_block': 2, 'rrdb_num_grow_ch': 4,
@@ -64,6 +65,21 @@ def batch(size=32, b=2, seed=0, attention=None, width=None):
 
 
 # -- residual space ---------------------------------------------------------------------------------------
+def residual_maps(up, res_rescale=2.0, clip_input=True):
+    """The SRDiff backbone's image <-> residual maps for the upsampled LR ``up`` (SRDiff's img2res / res2img)."""
+    net = type('Net', (), {'size_multiple': 4})()  # the maps need no network
+    return SRDiffAdapter.for_batch(net, None, None, up, 4, encode=False, res_rescale=res_rescale,
+                                   clip_input=clip_input)
+
+
+def to_residual(hr, up, res_rescale=2.0, clip=True):
+    return residual_maps(up, res_rescale, clip).to_space(hr)
+
+
+def from_residual(x0, up, res_rescale=2.0, clip=True):
+    return residual_maps(up, res_rescale, clip).to_image(x0)
+
+
 def test_residual_round_trip_is_exact():
     # 8-bit HR and an upsampled LR in float32, as the dataset delivers them; the conversion in float64.
     g = torch.Generator().manual_seed(0)
@@ -78,9 +94,11 @@ def test_residual_round_trip_is_exact():
     # float32: within one rounding of the [0, 1] range
     back = from_residual(to_residual(hr.float(), up.float()), up.float())
     assert float((back.double() - hr).abs().max()) <= 2**-24
-    # the model's methods are these functions with the srdiff options
+    # the model trains in the same space: its adapter is the backbone's, with the srdiff options
     model = make_model()
-    assert torch.equal(model.from_residual(model.to_residual(hr, up), up), hr)
+    model.lq, model.lq_up = torch.zeros(2, 3, 4, 4), up
+    adapter = model.make_adapter(model.net_g, model.schedule, None, False)
+    assert type(adapter) is SRDiffAdapter and torch.equal(adapter.to_image(adapter.to_space(hr)), hr)
     # clipping (clip_input): residuals beyond 1/4 of the range are clipped, as SRDiff's img2res
     big = to_residual(torch.ones(1), torch.zeros(1))
     assert float(big) == 1.0 and float(from_residual(torch.tensor([3.0]), torch.zeros(1))) == 0.25
@@ -341,6 +359,7 @@ def test_option_files_are_consistent():
 
 
 # -- BasicSR pipeline -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_rrdb_pretraining_then_srdiff_yoda_training(tiny_data, tmp_path):
     # 1. RRDB encoder pretraining: BasicSR's own SRModel + RRDBNet, 2 iterations
     pre = tiny_options(tiny_data, name='rrdb_pre', yoda=False, total_iter=2)
@@ -546,8 +565,9 @@ def test_models_are_siblings_sharing_one_base():
 
 def test_build_pipeline_from_srdiff_options(tmp_path):
     """The inference builder parses SRDiff's sections with SRDiffModel's defaults and checks."""
-    from yoda_plugin.models.pipeline_options import build_network, build_pipeline, load_network_weights
-    from yoda_plugin.models.srdiff_model import load_rrdb_for_inference
+    from yoda_plugin.archs import build_network
+    from yoda_plugin.checkpoints import load_network_weights
+    from yoda_plugin.config import build_pipeline
     torch.manual_seed(0)
     model = make_model(sample_steps=4, val={'tile_size': 16, 'tile_overlap': 8})
     model.opt['path'] = {'models': str(tmp_path)}
@@ -556,8 +576,7 @@ def test_build_pipeline_from_srdiff_options(tmp_path):
            'diffusion': {'schedule': 'cosine', 'num_timesteps': 20, 'sample_steps': 4},
            'yoda': {'enabled': True, 'lower_bound': 0.3}, 'val': {'tile_size': 16, 'tile_overlap': 8}}
     net = build_network(opt)
-    load_network_weights(net, str(tmp_path / 'net_g_1.pth'), 'params_ema')  # falls back to params
-    load_rrdb_for_inference(net, opt, str(tmp_path / 'net_g_1.pth'))  # the full checkpoint holds the encoder
+    load_network_weights(net, str(tmp_path / 'net_g_1.pth'), 'params_ema')  # falls back to params; encoder too
     pipe = build_pipeline(net, opt)
     assert pipe.backbone == 'srdiff' and pipe.steps == 4 and pipe.tiling.tile_size == 16
     data = batch(size=16)

@@ -56,6 +56,7 @@ def test_bad_plans_and_overrides_name_what_is_wrong(tiny_data, tmp_path):
     with pytest.raises(ValueError, match='expected KEY=VALUE'):
         stability.parse_override('network_g.base_channels')
     assert stability.parse_override('a.b=[1, 2]') == ('a.b', [1, 2])
+    assert stability.parse_override('a.lr=1e-4') == ('a.lr', 1e-4) and stability.parse_override('a=x') == ('a', 'x')
 
 
 def test_summary_statistics_over_seeds():
@@ -69,6 +70,7 @@ def test_summary_statistics_over_seeds():
     assert '| 2 | vanilla | 1 | 18.0000 ± 0.0000 |' in table and '| 2 | yoda | 3 | 22.0000 ± 1.6330 |' in table
 
 
+@pytest.mark.slow
 def test_short_experiment_writes_table_plots_and_resumes(tiny_data, tmp_path):
     opt = tiny_options(tiny_data, total_iter=2)
     opt['logger']['use_tb_logger'] = False

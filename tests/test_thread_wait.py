@@ -2,9 +2,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, run_env
 
 
+@pytest.mark.slow
 def test_thread_wait_benchmark_prints_its_table(tmp_path):
     proc = subprocess.run([sys.executable, 'scripts/benchmark_thread_wait.py', '--size', '16', '--steps', '2',
                            '--repeats', '1', '--tmp', str(tmp_path)], cwd=REPO, env=run_env(), capture_output=True,

@@ -16,14 +16,12 @@ _OPTIONAL = ('basicsr', 'cv2', 'lmdb', 'torchvision')
 BASICSR_IMPORT_ERROR = None  # why the BasicSR layer is missing, if it is
 
 try:
-    from .compat import install_torchvision_shim
+    from .runner.patches import install_import_time_fixes, install_torchvision_shim
 
     install_torchvision_shim()  # before anything imports basicsr 1.4.2
     from . import archs, data, losses, metrics, models  # noqa: F401  (registration)
-    from .compat import install_basicsr_runner_fixes, install_make_exp_dirs_fix
 
-    install_make_exp_dirs_fix()  # path.trust_checkpoint is a switch, not a folder to make
-    install_basicsr_runner_fixes()  # BasicSR's own train.py resumes and launches without CUDA
+    install_import_time_fixes()  # BasicSR's own runners: path switches, resume and launch without CUDA
 except ModuleNotFoundError as err:
     if err.name is None or err.name.split('.')[0] not in _OPTIONAL:
         raise

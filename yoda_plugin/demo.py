@@ -1,17 +1,21 @@
-"""The embedded demo: tiny SR3 + YODA trained and tested on CPU in minutes.
+"""The embedded demo: SR3 and SR3 + YODA on real photos, on a CPU, in minutes.
 
-    python -m yoda_plugin demo            (or: yoda-demo)
+    python -m yoda_plugin demo            (or: yoda-demo, or bash scripts/demo.sh)
 
-1. Builds a small 4x SR dataset from the real photos scikit-image ships
-   (random 96x96 training crops, 64x64 validation crops from held-out photos),
-   LR by Pillow bicubic, written as BasicSR LMDBs (``datasets/demo``).
-2. Computes edge-based attention maps of the LR images into attention LMDBs
-   with ``scripts/precompute_attention.py``, as a user would.
-3. Trains ``options/demo/train_sr3_yoda_demo.yml`` through BasicSR's pipeline
-   (with validation), then tests the EMA weights with
-   ``options/demo/test_sr3_yoda_demo.yml``.
-4. Prints PSNR/SSIM next to the bicubic baseline on the same images and where
-   images, logs, checkpoints and tensorboard files are.
+1. Builds a small 4x SR dataset from the real photos scikit-image and matplotlib
+   ship (whole training photos, cropped at random at every step; 64x64
+   validation crops of held-out photos), LR by Pillow bicubic, written as
+   BasicSR LMDBs (``datasets/demo``), with edge-based attention maps computed
+   by ``scripts/precompute_attention.py`` as a user would.
+2. Tests the converged demo models that ship with the plugin
+   (``yoda_plugin/weights``: vanilla SR3 and SR3 + YODA, made by
+   ``scripts/benchmark_convergence.py``) through BasicSR's test pipeline.
+3. Trains both from scratch for a few hundred iterations through BasicSR's
+   training pipeline (with validation) and tests them: the whole pipeline at
+   work, far from converged.
+4. Prints both tables next to the bicubic baseline on the same images, a
+   side-by-side figure of the converged models, and where images, logs,
+   checkpoints and tensorboard files are.
 """
 import argparse
 import json
@@ -22,30 +26,55 @@ import time
 
 import numpy as np
 
-TRAIN_PHOTOS = ('astronaut', 'rocket', 'immunohistochemistry', 'hubble_deep_field', 'colorwheel', 'camera')
+# Real photos that the installed packages ship (scikit-image; matplotlib's grace_hopper). Training draws a
+# fresh random crop of a random training photo at every step (YODAPairedDataset with gt_size), instead of a
+# fixed set of crops: 96 fixed crops over-fitted after ~2,000 iterations. Validation photos are held out.
+TRAIN_PHOTOS = ('astronaut', 'rocket', 'immunohistochemistry', 'hubble_deep_field', 'motorcycle_left', 'retina',
+                'grace_hopper', 'camera', 'brick', 'grass', 'gravel', 'coins', 'moon')
 VAL_PHOTOS = ('chelsea', 'coffee')
 SCALE = 4
+_PHOTO_FILES = {'immunohistochemistry': 'ihc.png', 'hubble_deep_field': 'hubble_deep_field.jpg',
+                'motorcycle_left': 'motorcycle_left.png', 'retina': 'retina.jpg', 'rocket': 'rocket.jpg'}
 
 
 def _photo(name):
-    from skimage import data as skdata
-    img = getattr(skdata, name)()
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(img[:, :, :3]).astype(np.uint8)
+    """RGB uint8 photo ``name`` read from the file an installed package ships (no download)."""
+    import cv2
+    if name == 'grace_hopper':
+        import matplotlib
+        path = os.path.join(matplotlib.get_data_path(), 'sample_data', 'grace_hopper.jpg')
+    else:
+        import skimage
+        path = os.path.join(os.path.dirname(skimage.__file__), 'data', _PHOTO_FILES.get(name, f'{name}.png'))
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise FileNotFoundError(f'demo photo {name!r}: cannot read {path} (reinstall scikit-image / matplotlib)')
+    return np.ascontiguousarray(img[:, :, ::-1])
+
+
+def _demo_scale(img, size):
+    """Halve big photos first, so a ``size`` crop holds structure rather than one flat patch."""
+    from PIL import Image
+    if min(img.shape[:2]) >= 4 * size:
+        img = np.asarray(Image.fromarray(img).resize((img.shape[1] // 2, img.shape[0] // 2), Image.BICUBIC))
+    return img
 
 
 def _crops(img, size, count, rng):
-    from PIL import Image
-    # Halve big photos first so a crop holds structure rather than one flat patch.
-    if min(img.shape[:2]) >= 4 * size:
-        img = np.asarray(Image.fromarray(img).resize((img.shape[1] // 2, img.shape[0] // 2), Image.BICUBIC))
+    img = _demo_scale(img, size)
     out = []
     for _ in range(count):
         top = int(rng.integers(0, img.shape[0] - size + 1))
         left = int(rng.integers(0, img.shape[1] - size + 1))
         out.append(np.ascontiguousarray(img[top:top + size, left:left + size]))
     return out
+
+
+def _whole(img, size):
+    """The whole (halved) photo, cut to a multiple of the scale: training crops it anew at every step."""
+    img = _demo_scale(img, size)
+    h, w = img.shape[0] - img.shape[0] % SCALE, img.shape[1] - img.shape[1] % SCALE
+    return np.ascontiguousarray(img[:h, :w])
 
 
 MANIFEST = '.yoda_demo.json'  # under --root: the folders the demo created, the only ones it may delete
@@ -92,8 +121,12 @@ def remove_own(root, folder, why: str):
     shutil.rmtree(folder)
 
 
-def build_demo_data(root, seed=0, train_per_photo=16, val_per_photo=3, force=False):
-    """Write datasets/demo/{train,val}_{hr,lr,attention_edge}.lmdb (and PNG folders) under ``root``."""
+def build_demo_data(root, seed=0, val_per_photo=4, force=False, train_photos=TRAIN_PHOTOS):
+    """Write datasets/demo/{train,val}_{hr,lr,attention_edge}.lmdb (and PNG folders) under ``root``.
+
+    Training: the whole photos (training crops them at random each step); validation: ``val_per_photo``
+    64x64 crops of each held-out photo.
+    """
     import cv2
 
     from yoda_plugin.data.lmdb_images import write_image_lmdb
@@ -106,14 +139,16 @@ def build_demo_data(root, seed=0, train_per_photo=16, val_per_photo=3, force=Fal
     remove_own(root, out, '--rebuild-data' if force else 'incomplete: no COMPLETE flag')
     claim(root, out)
     rng = np.random.default_rng(seed)
-    for split, photos, size, count in (('train', TRAIN_PHOTOS, 96, train_per_photo), ('val', VAL_PHOTOS, 64,
-                                                                                      val_per_photo)):
+    for split in ('train', 'val'):
         hr, lr = {}, {}
-        for name in photos:
-            for i, crop in enumerate(_crops(_photo(name), size, count, rng)):
-                key = f'{name}_{i:03d}'
-                hr[key] = crop
-                lr[key] = bicubic_resize(crop, (size // SCALE, size // SCALE), 'pil')
+        if split == 'train':
+            hr = {name: _whole(_photo(name), 64) for name in train_photos}
+        else:
+            for name in VAL_PHOTOS:
+                for i, crop in enumerate(_crops(_photo(name), 64, val_per_photo, rng)):
+                    hr[f'{name}_{i:03d}'] = crop
+        for key, img in hr.items():
+            lr[key] = bicubic_resize(img, (img.shape[0] // SCALE, img.shape[1] // SCALE), 'pil')
         for kind, images in (('hr', hr), ('lr', lr)):
             folder = os.path.join(out, f'{split}_{kind}')
             os.makedirs(folder, exist_ok=True)
@@ -166,7 +201,11 @@ def options_dir():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--root', default=os.getcwd(), help='working folder (datasets/, experiments/, results/)')
-    parser.add_argument('--iters', type=int, default=None, help='override train.total_iter (and val_freq)')
+    parser.add_argument('--iters', type=int, default=None,
+                        help="iterations of the from-scratch training (default: the option files' train.total_iter; "
+                             '0: skip it)')
+    parser.add_argument('--no-converged', action='store_true',
+                        help='skip the shipped converged models (only the from-scratch training)')
     parser.add_argument('--rebuild-data', action='store_true', help='rebuild datasets/demo even if present')
     parser.add_argument('--threads', type=int, default=2,
                         help='CPU threads of every step (default 2): float sums depend on the thread count, so the '
@@ -181,7 +220,7 @@ def main(argv=None):
     pin_threads(args.threads)
     try:
         return run_demo(root, args)
-    except DemoRefusal as err:
+    except (DemoRefusal, ShippedCheckpointError) as err:
         print(f'[demo] error: {err}', file=sys.stderr)
         return 2
 
@@ -234,6 +273,57 @@ def train_and_test(root, train_opt, test_opt, iters=None) -> dict:
                 images_dir=os.path.join(results, 'visualization', summary['dataset']), test_name=test['name'])
 
 
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights')
+SHIPPED = {'vanilla': 'demo_sr3_x4.pth', 'yoda': 'demo_sr3_yoda_x4.pth'}
+MAKE_WEIGHTS = ('python scripts/benchmark_convergence.py --root runs/convergence --iters 8000 --seeds 0 1 '
+                '--export yoda_plugin/weights (docs/convergence.md)')
+
+
+class ShippedCheckpointError(RuntimeError):
+    """A converged demo checkpoint is missing, unreadable or does not fit the demo's options."""
+
+
+def shipped_checkpoint(method: str, network_g: dict) -> dict:
+    """Check the shipped converged checkpoint of ``method``; return its record (``yoda_record``)."""
+    import torch
+    path = os.path.join(WEIGHTS_DIR, SHIPPED[method])
+    remake = f'restore it (git checkout -- yoda_plugin/weights) or remake it: {MAKE_WEIGHTS}'
+    if not os.path.isfile(path):
+        raise ShippedCheckpointError(f'the converged demo checkpoint {path} is missing: {remake}')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # any unpickling/zip error: the file is damaged
+        raise ShippedCheckpointError(f'the converged demo checkpoint {path} cannot be read '
+                                     f'({type(err).__name__}: {str(err).splitlines()[0][:160]}): {remake}') from err
+    if not isinstance(state, dict) or 'params_ema' not in state or 'yoda_record' not in state:
+        raise ShippedCheckpointError(f'the converged demo checkpoint {path} lacks params_ema or yoda_record: {remake}')
+    record = state['yoda_record']
+    theirs = {k: v for k, v in record.get('network_g', {}).items()}
+    differ = sorted(k for k in set(theirs) | set(network_g) if theirs.get(k) != network_g.get(k))
+    if differ:
+        raise ShippedCheckpointError(f'the converged demo checkpoint {path} was made for another network '
+                                     f'(network_g keys differ: {differ}): {remake}')
+    return dict(record, path=path)
+
+
+def evaluate_checkpoint(root, test_opt, checkpoint, suffix) -> dict:
+    """Test ``checkpoint`` (EMA weights) with ``test_opt`` under the results name ``<name><suffix>``."""
+    from yoda_plugin.utils.options import load_options
+    test = load_options(test_opt)
+    name = test['name'] + suffix
+    results = os.path.join(root, 'results', name)
+    remove_own(root, results, 'a new demo run tests again')
+    claim(root, results)
+    cmd = [sys.executable, '-m', 'yoda_plugin', 'test', '-opt', test_opt, '--force_yml', f'name={name}',
+           f'path:pretrain_network_g={checkpoint}']
+    print('[demo] testing:', ' '.join(cmd), flush=True)
+    subprocess.run(cmd, cwd=root, check=True)
+    with open(os.path.join(results, 'summary_demo_val.json'), encoding='utf-8') as f:
+        summary = json.load(f)
+    return dict(summary, name=name, experiment=None, results=results, train_seconds=None,
+                images_dir=os.path.join(results, 'visualization', summary['dataset']), test_name=name)
+
+
 def comparison_figure(root, runs, path, max_images=3):
     """One row per validation image: LR | bicubic | each method | HR | attention, labelled; returns ``path``."""
     import cv2
@@ -271,6 +361,9 @@ def demo_folders(root):
     from yoda_plugin.utils.options import load_options
     opts = options_dir()
     folders = [(os.path.join(root, 'results', 'demo_comparison'), 'a new demo run compares again')]
+    for _, _, _, test_file in METHODS:
+        folders.append((os.path.join(root, 'results', load_options(os.path.join(opts, test_file))['name']
+                                     + CONVERGED_SUFFIX), 'a new demo run tests again'))
     for _, _, train_file, test_file in METHODS:
         folders.append((os.path.join(root, 'experiments', load_options(os.path.join(opts, train_file))['name']),
                         'a new demo run trains from scratch'))
@@ -279,53 +372,86 @@ def demo_folders(root):
     return folders
 
 
+CONVERGED_SUFFIX = '_converged'
+
+
+def print_table(title, baseline, runs, names):
+    print(title)
+    header = f'  {"method":<12}' + ''.join(f'{METRIC_LABELS.get(n, n):>12}' for n in names)
+    print(header + f'{"update share":>14}{"s/image":>9}{"train s":>9}')
+    print(f'  {"bicubic":<12}' + ''.join(f'{baseline[n]:>12.4f}' for n in names) + f'{"-":>14}{"-":>9}{"-":>9}')
+    table = {}
+    for label, run in runs:
+        train_s = f'{run["train_seconds"]:>9.0f}' if run['train_seconds'] is not None else f'{"-":>9}'
+        print(f'  {label:<12}' + ''.join(f'{run["metrics"][n]:>12.4f}' for n in names)
+              + f'{run["update_ratio"]:>14.3f}{run["sec_per_image"]:>9.2f}' + train_s)
+        table[label] = dict(run['metrics'], update_share=run['update_ratio'], sec_per_image=run['sec_per_image'],
+                            train_seconds=run['train_seconds'])
+    return table
+
+
 def run_demo(root, args):
     from yoda_plugin.utils.options import load_options
     opts = options_dir()
     start = time.time()
     for folder, why in demo_folders(root):  # refuse before training anything, not halfway through
         refuse_foreign(root, folder, why)
+    records = {}
+    if not args.no_converged:  # checked before any work: a damaged file is reported at once
+        for key, _, _, test_file in METHODS:
+            records[key] = shipped_checkpoint(key, dict(load_options(os.path.join(opts, test_file))['network_g']))
     print(f'[demo] building the demo dataset under {root}/datasets/demo ...', flush=True)
     build_demo_data(root, force=args.rebuild_data)
-    runs = []
-    for key, label, train_file, test_file in METHODS:
-        print(f'[demo] === {label} ===', flush=True)
-        runs.append((label, train_and_test(root, os.path.join(opts, train_file), os.path.join(opts, test_file),
-                                           args.iters)))
     test = load_options(os.path.join(opts, METHODS[-1][3]))
     metrics_opt = test['val']['metrics']
-    baseline = bicubic_baseline(root, metrics_opt)
     names = list(metrics_opt)
-    yoda_run = runs[-1][1]
-    iters = args.iters or load_options(os.path.join(opts, METHODS[-1][2]))['train']['total_iter']
-    print(f'\n[demo] results on the demo validation crops ({yoda_run["images"]} images, 4x, '
-          f'{yoda_run["sampler"]["type"].upper()} with {yoda_run["sample_steps"]} steps; same data, network, seed '
-          f'and {iters} training iterations for both):')
-    header = f'  {"method":<12}' + ''.join(f'{METRIC_LABELS.get(n, n):>12}' for n in names)
-    print(header + f'{"update share":>14}{"s/image":>9}{"train s":>9}')
-    print(f'  {"bicubic":<12}' + ''.join(f'{baseline[n]:>12.4f}' for n in names) + f'{"-":>14}{"-":>9}{"-":>9}')
-    table = {'bicubic': baseline}
-    for label, run in runs:
-        print(f'  {label:<12}' + ''.join(f'{run["metrics"][n]:>12.4f}' for n in names)
-              + f'{run["update_ratio"]:>14.3f}{run["sec_per_image"]:>9.2f}{run["train_seconds"]:>9.0f}')
-        table[label] = dict(run['metrics'], update_share=run['update_ratio'], sec_per_image=run['sec_per_image'],
-                            train_seconds=run['train_seconds'])
+    baseline = bicubic_baseline(root, metrics_opt)
+    out_table = {'bicubic': baseline}
+
+    converged = []
+    for key, label, _, test_file in METHODS if records else ():
+        print(f'[demo] === {label}: the converged model that ships with the plugin ===', flush=True)
+        converged.append((label, evaluate_checkpoint(root, os.path.join(opts, test_file), records[key]['path'],
+                                                 CONVERGED_SUFFIX)))
+    scratch = []
+    iters = args.iters if args.iters is not None else \
+        load_options(os.path.join(opts, METHODS[-1][2]))["train"]["total_iter"]
+    if iters > 0:
+        for key, label, train_file, test_file in METHODS:
+            print(f'[demo] === {label}: trained from scratch now ({iters} iterations) ===', flush=True)
+            scratch.append((label, train_and_test(root, os.path.join(opts, train_file),
+                                                  os.path.join(opts, test_file), args.iters)))
+    first = (converged or scratch)[-1][1]
+    print(f'\n[demo] results on the demo validation crops ({first["images"]} images, 4x, '
+          f'{first["sampler"]["type"].upper()} with {first["sample_steps"]} steps; both methods share data, '
+          'network, seed, budget and sampler):')
+    if converged:
+        trained = records['yoda']['training']['iterations']
+        out_table['converged'] = print_table(
+            f'\n  converged models (shipped in yoda_plugin/weights, {trained} iterations of batch '
+            f'{records["yoda"]["training"]["batch"]} on this recipe; docs/convergence.md):', baseline, converged, names)
+    if scratch:
+        out_table['from_scratch'] = print_table(
+            f'\n  trained from scratch by this run ({iters} iterations: the pipeline at work, far from converged):',
+            baseline, scratch, names)
     print('  ' + '; '.join(METRIC_NOTES[n] for n in names if n in METRIC_NOTES))
-    print('  (minutes of CPU training do not beat bicubic; the paper trains 1M iterations on GPUs)')
     out = os.path.join(root, 'results', 'demo_comparison')
     remove_own(root, out, 'a new demo run compares again')
     claim(root, out)
-    figure = comparison_figure(root, runs, os.path.join(out, 'demo_comparison.png'))
+    shown = converged or scratch
+    figure = comparison_figure(root, shown, os.path.join(out, 'demo_comparison.png'))
     with open(os.path.join(out, 'demo_table.json'), 'w', encoding='utf-8') as f:
-        json.dump(table, f, indent=2)
-    print(f'\n[demo] side-by-side figure (LR, bicubic, SR3, SR3 + YODA, HR, attention): {figure}')
+        json.dump(out_table, f, indent=2)
+    which = 'converged models' if converged else f'models trained {iters} iterations'
+    print(f'\n[demo] side-by-side figure (LR, bicubic, SR3, SR3 + YODA, HR, attention; {which}): {figure}')
     print(f'[demo] finished in {time.time() - start:.0f} s ({args.threads} CPU threads). Where things are:')
-    for label, run in runs:
-        print(f'  {label}:')
-        print(f'    training log, options copy : {run["experiment"]}')
-        print(f'    checkpoints                : {run["experiment"]}/models (net_g_*.pth: params + params_ema)')
-        print(f'    validation history (CSV)   : {run["experiment"]}/validation_demo_val.csv')
-        print(f'    tensorboard                : {os.path.join(root, "tb_logger", run["name"])}')
+    for label, run in converged + scratch:
+        print(f'  {label}{" (converged)" if run["experiment"] is None else " (from scratch)"}:')
+        if run['experiment']:
+            print(f'    training log, options copy : {run["experiment"]}')
+            print(f'    checkpoints                : {run["experiment"]}/models (net_g_*.pth: params + params_ema)')
+            print(f'    validation history (CSV)   : {run["experiment"]}/validation_demo_val.csv')
+            print(f'    tensorboard                : {os.path.join(root, "tb_logger", run["name"])}')
         print(f'    test images, metrics CSV   : {run["results"]}')
     print(f'  table (JSON)                 : {os.path.join(out, "demo_table.json")}')
     return 0

@@ -16,6 +16,11 @@ pipeline samples. Sampler, sparse sampling, tiling, device, amp and the
 colour fix (``colour_fix='wavelet'`` or ``'adain'``: the sampled image's colours
 corrected against the upsampled LR, :mod:`yoda_plugin.core.colour_fix`) are
 options of the object; nothing is written into any model's options.
+
+It needs the networks (:mod:`yoda_plugin.archs`), the core, the attention
+sources and the option sections of :mod:`yoda_plugin.config`; no training
+class: the option file's ``model_type`` names the backbone
+(:func:`yoda_plugin.config.backbone_of`).
 """
 import copy
 from typing import Optional, Sequence, Union
@@ -23,7 +28,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .core import DiffusionSR
+from .core import DiffusionSR, check_attention
 
 ImageLike = Union[np.ndarray, torch.Tensor, Sequence[np.ndarray]]
 
@@ -58,7 +63,7 @@ class YODAResolver:
         """A resolver for ``net`` (weights already loaded) with the ``diffusion`` / ``yoda`` / ``val`` sections of
         ``opt``; ``overrides``: ``sampler``, ``sparse``, ``tiling``, ``amp``, ``channels_last``, ``colour_fix``
         (``wavelet``, ``adain``, ``none``), ``sample_steps`` (each as in the ``val`` section), ``resize``."""
-        from .models.pipeline_options import build_pipeline
+        from .config import build_pipeline
         resize = overrides.pop('resize', None) or dataset_resize(opt)
         pipeline = build_pipeline(net, opt, **overrides)
         if attention_source is None and pipeline.yoda.enabled:
@@ -71,7 +76,8 @@ class YODAResolver:
         """Build the option file's ``network_g``, load ``checkpoint`` (default: ``path.pretrain_network_g``)
         with ``weights_only=True`` (``trust_checkpoint`` or the options' ``path.trust_checkpoint: true`` to allow
         pickled objects), and wrap it."""
-        from .models.pipeline_options import build_network, load_network_weights
+        from .archs import build_network
+        from .checkpoints import load_network_weights
         from .utils.options import load_options
         where = opt if isinstance(opt, str) else 'the options'
         opt = load_options(opt) if isinstance(opt, str) else copy.deepcopy(opt)
@@ -81,10 +87,7 @@ class YODAResolver:
         device = resolve_device(device)
         net = build_network(opt)
         trusted = bool(trust_checkpoint) or bool((opt.get('path') or {}).get('trust_checkpoint', False))
-        load_network_weights(net, checkpoint, param_key, trusted=trusted)
-        if opt.get('model_type') == 'SRDiffModel':
-            from .models.srdiff_model import load_rrdb_for_inference
-            load_rrdb_for_inference(net, opt, checkpoint)
+        load_network_weights(net, checkpoint, param_key, trusted=trusted)  # a whole network (SRDiff: encoder too)
         return cls.from_network(net, opt, device, attention_source, **overrides)
 
     # -- inference ---------------------------------------------------------------------------------
@@ -107,9 +110,19 @@ class YODAResolver:
                                  'records attention_meta.source)')
             attention = self.attention_source(lr_image)
         amap = attention.detach().cpu().numpy() if isinstance(attention, torch.Tensor) else np.asarray(attention)
-        amap = np.squeeze(amap).astype(np.float32)
+        given = tuple(amap.shape)
+        # Only batch / channel axes of size 1 go: a 1-pixel side (a 1x5 LR image) is a real axis.
+        if amap.ndim == 4 and amap.shape[:2] == (1, 1):
+            amap = amap[0, 0]
+        elif amap.ndim == 3 and amap.shape[0] == 1:
+            amap = amap[0]
+        elif amap.ndim == 3 and amap.shape[2] == 1:
+            amap = amap[:, :, 0]
         if amap.ndim != 2:
-            raise ValueError(f'attention map must be 2-D (h, w), got shape {amap.shape}')
+            raise ValueError(f'attention map must be 2-D (h, w), or (1, h, w) / (1, 1, h, w), got shape {given}')
+        amap = amap.astype(np.float32)
+        # Checked on the grid it was given on: the bilinear resize below would clip values outside [0, 1].
+        check_attention(torch.from_numpy(amap), 'attention map')
         if tuple(amap.shape) != tuple(hr_size):
             lr_size = (hr_size[0] // self.scale, hr_size[1] // self.scale)
             if tuple(amap.shape) != lr_size:
@@ -127,6 +140,7 @@ class YODAResolver:
             lq = (lr[None] if lr.dim() == 3 else lr).float().to(self.device)
             if lq.dim() != 4 or lq.shape[:2] != (1, 3):
                 raise ValueError(f'an LR tensor must be (3, h, w) or (1, 3, h, w), got {tuple(lr.shape)}')
+            check_tensor_range(lr, lq)
             lr_image, uint8 = lq[0].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), None
         else:
             uint8 = lr_image = as_rgb_uint8(lr)
@@ -170,6 +184,23 @@ class YODAResolver:
         as_uint8 = [np.clip(np.round(o[0].permute(1, 2, 0).cpu().numpy() * 255.0), 0, 255).astype(np.uint8)
                     for o in outs]
         return as_uint8[0] if single else as_uint8
+
+
+# Resampling overshoot a hair outside [0, 1] is clamped; anything further is another value range (0..255).
+_TENSOR_TOLERANCE = 1e-3
+
+
+def check_tensor_range(given: torch.Tensor, lq: torch.Tensor):
+    """Refuse an LR tensor that is not an image in [0, 1] (a 0..255 tensor would be clamped to white)."""
+    if not lq.numel():
+        raise ValueError(f'the LR tensor is empty: shape {tuple(given.shape)}')
+    if bool(((lq >= -_TENSOR_TOLERANCE) & (lq <= 1 + _TENSOR_TOLERANCE)).all()):
+        return
+    if not bool(torch.isfinite(lq).all()):
+        raise ValueError('the LR tensor contains NaN or Inf values; expected finite values in [0, 1]')
+    lo, hi = float(lq.min()), float(lq.max())
+    raise ValueError(f'an LR tensor must hold values in [0, 1], got {given.dtype} with min {lo:.4g} and max '
+                     f'{hi:.4g}; divide a 0..255 image by 255 (or pass it as a uint8 numpy array)')
 
 
 def dataset_resize(opt: dict) -> str:

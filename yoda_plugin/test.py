@@ -11,7 +11,7 @@ import sys
 
 def main(root_path=None):
     import yoda_plugin  # noqa: F401  (registration)
-    from yoda_plugin.utils.options import run_basicsr_pipeline
+    from yoda_plugin.runner.pipeline import run_basicsr_pipeline
     run_basicsr_pipeline('test', root_path or os.getcwd())
 
 

@@ -65,7 +65,7 @@ def load_options(path: str) -> dict:
 
 def yoda_timing(opt: Optional[dict] = None, lower_bound=None, num_timesteps=None, sample_steps=None):
     """(l, T_train, T_eval) from an option dict (SR3Model defaults), each overridable."""
-    from yoda_plugin.models.sr3_model import DIFFUSION_DEFAULTS
+    from yoda_plugin.config import DIFFUSION_DEFAULTS
     diff = dict(DIFFUSION_DEFAULTS, **((opt or {}).get('diffusion') or {}))
     yoda = (opt or {}).get('yoda') or {}
     lb = lower_bound if lower_bound is not None else yoda.get('lower_bound', 0.4)

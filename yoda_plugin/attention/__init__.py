@@ -17,17 +17,21 @@ later) implements :class:`AttentionSource`:
   override it).
 
 Sources are registered by name in :data:`ATTENTION_SOURCES` with
-:func:`register_attention_source` and built with :func:`build_attention_source`.
+:func:`register_attention_source` and built with :func:`build_attention_source`;
+:func:`parse_source_opts` reads the command lines' ``--source-opt key=value``.
 """
 import inspect
-import json
+import re
 from typing import Dict, List, Type
 
 import numpy as np
+import yaml
+
+from yoda_plugin.utils.jsonable import to_json
 
 __all__ = [
     'ATTENTION_SOURCES', 'AttentionSource', 'as_rgb_float32', 'as_rgb_uint8', 'build_attention_source',
-    'build_attention_source_from_config', 'register_attention_source', 'EdgeAttention',
+    'build_attention_source_from_config', 'parse_source_opts', 'register_attention_source', 'EdgeAttention',
     'GaussianAttention', 'SiftAttention', 'normalize_map'
 ]
 
@@ -119,18 +123,6 @@ def normalize_map(raw: np.ndarray, eps: float = 1e-12) -> np.ndarray:
         fill = 1.0 if hi > eps else 0.0
         return np.full(raw.shape, fill, dtype=np.float32)
     return np.clip((raw - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
-def to_json(value):
-    """Canonical JSON form: tuples become lists, numpy scalars plain numbers, keys sorted."""
-    def default(obj):
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-        raise TypeError(f'{type(obj).__name__} is not JSON serialisable')
-
-    return json.loads(json.dumps(value, default=default, sort_keys=True))
 
 
 def _init_parameters(cls) -> List[inspect.Parameter]:
@@ -229,6 +221,51 @@ def build_attention_source_from_config(config: dict) -> AttentionSource:
         raise ValueError(f'an attention source config must be a dict with a "name" entry, got {config!r}')
     kwargs = {k: v for k, v in config.items() if k != 'name'}
     return build_attention_source(config['name'], **kwargs)
+
+
+class _SourceOptLoader(yaml.SafeLoader):
+    """YAML's safe loader, reading numbers as YAML 1.2 does and ``none`` as null.
+
+    PyYAML (YAML 1.1) reads ``1e-1`` as the string '1e-1': a float needs a dot there. On a command line
+    ``sigma=1e-1`` means 0.1, as in JSON. ``none`` is what Python users type for null.
+    """
+
+
+_SourceOptLoader.add_implicit_resolver(
+    'tag:yaml.org,2002:float', re.compile(r'^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$'), list('-+.0123456789'))
+_SourceOptLoader.add_implicit_resolver('tag:yaml.org,2002:null', re.compile(r'^(none|None|NONE)$'), list('nN'))
+_PLAIN_TYPES = (str, int, float, bool, type(None), list, dict)
+
+
+def _plain(value) -> bool:
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return isinstance(value, _PLAIN_TYPES)
+
+
+def parse_source_opts(pairs) -> dict:
+    """``['key=value', ...]`` (``--source-opt``) -> ``{key: value}`` for :func:`build_attention_source`.
+
+    Values are read as YAML scalars and flow collections are (``0.3``, ``5``, ``true``, ``null``, ``[0, 2]``),
+    with ``1e-1`` a float and ``none`` null (see :class:`_SourceOptLoader`); anything else (``max``, a path,
+    a date) stays the text given. A pair without ``=`` or a key given twice raises ``ValueError``.
+    """
+    opts = {}
+    for pair in pairs or []:
+        key, sep, text = str(pair).partition('=')
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f'--source-opt expects key=value, got {pair!r}')
+        if key in opts:
+            raise ValueError(f'--source-opt {key} given twice')
+        try:
+            value = yaml.load(text, Loader=_SourceOptLoader)
+        except yaml.YAMLError:
+            value = text.strip()
+        opts[key] = value if _plain(value) else text.strip()
+    return opts
 
 
 # Registration of the built-in sources (imports the names defined above).

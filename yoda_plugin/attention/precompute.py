@@ -13,22 +13,25 @@
   ``<output>.shards/rank<r>.lmdb`` (:func:`shard_path`); :func:`merge_shards`
   folds them into the output.
 * Previews: :mod:`yoda_plugin.attention.previews`.
+* Settings: an output whose ``yoda_attention.json`` records other settings (source, its options, the grid) is
+  refused before anything is written, naming the differing keys; with ``force`` it is archived
+  (``<output>_archived_<time>``, its leftover shards too) and made afresh (:func:`check_output_settings`).
 
-:func:`run_from_args` runs a command line parsed by the script's parser (after
-:func:`check_args`) and returns its exit status: 0, 1 (an image failed) or 2
-(setup error).
+A run is described by a :class:`PrecomputeConfig`; :func:`run` (one process) and
+:func:`run_distributed` (one torchrun rank) return 0, or 1 when an image failed, and raise
+:data:`SETUP_ERRORS` for bad options or inputs. The command line (parsing, exit codes) is
+:mod:`yoda_plugin.apps.precompute_attention`.
 """
 import datetime
 import inspect
-import json
 import os
+from dataclasses import dataclass, field
 import re
 import shutil
 import sys
 import time
-from typing import List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-import cv2
 import lmdb
 import numpy as np
 import torch
@@ -36,9 +39,12 @@ from tqdm import tqdm
 
 from yoda_plugin.attention import ATTENTION_SOURCES, AttentionSource, build_attention_source
 from yoda_plugin.attention.previews import Item, write_previews
-from yoda_plugin.utils.disk import DISK_FULL_EXIT_CODE, disk_full_error
-from yoda_plugin.data.attention_lmdb import (AttentionLMDBLockedError, AttentionLMDBWriter, encode_attention,
-                                             make_attention_meta, read_meta_info, validate_key)
+from yoda_plugin.data.image_io import decode_image
+from yoda_plugin.data.transforms import resize_attention as resize_map
+from yoda_plugin.data.attention_lmdb import (META_FILE, AttentionLMDBLockedError, AttentionLMDBWriter, _full_meta,
+                                             encode_attention, make_attention_meta, read_attention_meta,
+                                             read_meta_info, validate_key)
+from yoda_plugin.utils.fingerprint import SettingsMismatch, archive, differences, flatten
 
 _NOT_SOURCES = ('precompute', 'previews')  # modules of yoda_plugin.attention that register no source
 
@@ -72,30 +78,6 @@ class UsageError(ValueError):
 
 # --------------------------------------------------------------------------- options
 
-def parse_source_opts(pairs) -> dict:
-    """``['k=v', ...]`` -> dict; values parsed as JSON (numbers, true/false/null), ``none`` -> None, else str."""
-    opts = {}
-    for pair in pairs or []:
-        key, sep, text = pair.partition('=')
-        key = key.strip()
-        if not sep or not key:
-            raise UsageError(f'--source-opt expects key=value, got {pair!r}')
-        text = text.strip()
-        if text.lower() in ('none', 'null'):
-            value = None
-        elif text.lower() in ('true', 'false'):
-            value = text.lower() == 'true'
-        else:
-            try:
-                value = json.loads(text)
-            except ValueError:
-                value = text
-        if key in opts:
-            raise UsageError(f'--source-opt {key} given twice')
-        opts[key] = value
-    return opts
-
-
 def grid_meta(size=None, scale=None) -> dict:
     """Metadata fields describing the grid the maps are stored on."""
     if size is not None:
@@ -114,29 +96,7 @@ def output_size(shape, size=None, scale=None) -> Tuple[int, int]:
     return h, w
 
 
-def resize_map(amap: np.ndarray, hw: Tuple[int, int]) -> np.ndarray:
-    """Bilinear resize (cv2.INTER_LINEAR) to (h, w), clipped to [0, 1]; unchanged when already that size."""
-    if tuple(amap.shape[:2]) == tuple(hw):
-        return amap
-    out = cv2.resize(amap.astype(np.float32), (int(hw[1]), int(hw[0])), interpolation=cv2.INTER_LINEAR)
-    return np.clip(out, 0.0, 1.0)
-
-
 # --------------------------------------------------------------------------- inputs
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Bytes -> RGB uint8 (H, W, 3), decoded like BasicSR (IMREAD_COLOR); ValueError if undecodable."""
-    buf = np.frombuffer(data, dtype=np.uint8)
-    img = None
-    if buf.size:
-        try:
-            img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-        except cv2.error:
-            img = None
-    if img is None:
-        raise ValueError('cv2 cannot decode it (corrupt, truncated or not an image)')
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
 
 def is_lmdb_folder(path: str) -> bool:
     return os.path.isdir(path) and (path.rstrip(os.sep).endswith('.lmdb') or
@@ -219,36 +179,39 @@ def source_takes_device(name: str) -> bool:
     return 'device' in inspect.signature(cls.__init__).parameters
 
 
-def build_source(args, local_rank: Optional[int] = None) -> AttentionSource:
-    """The attention source of ``args``; ``--device`` goes to sources whose constructor takes ``device``."""
-    opts = parse_source_opts(args.source_opt)
-    if source_takes_device(args.source):
+def build_source(source: str, source_opts: Optional[dict] = None, device: Optional[str] = None,
+                 local_rank: Optional[int] = None) -> AttentionSource:
+    """The attention source ``source`` with its options; ``device`` goes to sources whose constructor takes one
+    (under torchrun a bare ``cuda`` is ``cuda:<local_rank>``), and is still checked for the others."""
+    opts = dict(source_opts or {})
+    if source_takes_device(source):
         if 'device' in opts:
-            if args.device is not None and str(opts['device']) != args.device:
-                raise UsageError(f'--device {args.device} and --source-opt device={opts["device"]} disagree')
+            if device is not None and str(opts['device']) != device:
+                raise UsageError(f'--device {device} and --source-opt device={opts["device"]} disagree')
             opts['device'] = str(resolve_device(str(opts['device']), local_rank))
         else:
-            opts['device'] = str(resolve_device(args.device, local_rank))
-    elif args.device is not None:
+            opts['device'] = str(resolve_device(device, local_rank))
+    elif device is not None:
         try:  # still reject a nonsense --device; the source itself runs on the CPU and ignores it
-            torch.device(args.device)
+            torch.device(device)
         except (RuntimeError, TypeError) as err:
-            raise UsageError(f'--device {args.device!r} is not a torch device: {err}') from None
-    return build_attention_source(args.source, **opts)
+            raise UsageError(f'--device {device!r} is not a torch device: {err}') from None
+    return build_attention_source(source, **opts)
 
 
-def load_items(args):
-    """(items, closable LMDB input or None); an input without images is a usage error (nothing is created)."""
-    if is_lmdb_folder(args.input):
-        lmdb_input = LMDBImages(args.input)
+def load_items(input_path: str):
+    """(items, closable LMDB input or None) of an image folder or BasicSR LMDB; an input without images is a
+    usage error (nothing is created)."""
+    if is_lmdb_folder(input_path):
+        lmdb_input = LMDBImages(input_path)
         items = lmdb_input.items()
         if not items:
             lmdb_input.close()
-            raise UsageError(f'--input {args.input} holds no images: its meta_info.txt lists no keys')
+            raise UsageError(f'--input {input_path} holds no images: its meta_info.txt lists no keys')
         return items, lmdb_input
-    items = folder_items(args.input)
+    items = folder_items(input_path)
     if not items:
-        raise UsageError(f'--input {args.input} holds no images (files ending in '
+        raise UsageError(f'--input {input_path} holds no images (files ending in '
                          f'{", ".join(sorted(IMAGE_EXTENSIONS))}; subfolders are not searched)')
     return items, None
 
@@ -274,16 +237,20 @@ def compute_maps(source: AttentionSource, batch: List[Tuple[str, np.ndarray]]):
     return results
 
 
-def process_items(source: AttentionSource, items: Sequence[Item], writer: AttentionLMDBWriter, args,
-                  done: Set[str] = frozenset(), desc: str = '', show_progress: bool = True, prefix: str = ''):
-    """Compute and store the maps of ``items`` not yet in ``writer`` (nor in ``done``).
+def process_items(source: AttentionSource, items: Sequence[Item], writer: AttentionLMDBWriter,
+                  size: Optional[Tuple[int, int]] = None, scale: Optional[float] = None, batch_size: int = 1,
+                  commit_every: int = 1, done: Set[str] = frozenset(), desc: str = '', show_progress: bool = True,
+                  prefix: str = ''):
+    """Compute and store the maps of ``items`` not yet in ``writer`` (nor in ``done``): ``batch_size`` images per
+    source call, resized to ``size`` or by ``scale`` (else kept on the image's grid), ``commit_every`` maps per
+    transaction.
 
     Returns (written, skipped, failed) with failed = [(key, reason)].
     """
     written = skipped = 0
     failed: List[Tuple[str, str]] = []
-    pbar = tqdm(total=len(items), unit='img', disable=args.no_progress or not show_progress, desc=desc)
-    out = BufferedWriter(writer, getattr(args, 'commit_every', 1))
+    pbar = tqdm(total=len(items), unit='img', disable=not show_progress, desc=desc)
+    out = BufferedWriter(writer, commit_every)
 
     def fail(key, reason):
         failed.append((key, reason))
@@ -296,7 +263,7 @@ def process_items(source: AttentionSource, items: Sequence[Item], writer: Attent
         for key, amap, error in compute_maps(source, pending):
             if error is None:
                 try:
-                    out.add(key, resize_map(np.asarray(amap), output_size(amap.shape, args.size, args.scale)))
+                    out.add(key, resize_map(np.asarray(amap), output_size(amap.shape, size, scale)))
                     written += 1
                 except ValueError as err:
                     error = str(err)
@@ -324,7 +291,7 @@ def process_items(source: AttentionSource, items: Sequence[Item], writer: Attent
                 pbar.update(1)
                 continue
             pending.append((key, image))
-            if len(pending) >= args.batch_size:
+            if len(pending) >= batch_size:
                 flush()
         if pending:
             flush()
@@ -418,26 +385,72 @@ def merge_shards(writer: AttentionLMDBWriter, output: str, chunk: int = 1000, lo
 
 # --------------------------------------------------------------------------- running
 
-def check_args(args) -> None:
-    """UsageError for option values the parser cannot check itself (the script reports it as a usage error)."""
-    if args.size is not None and (args.size[0] < 1 or args.size[1] < 1):
-        raise UsageError(f'--size must be positive, got {args.size[0]} {args.size[1]}')
-    if args.scale is not None and not (np.isfinite(args.scale) and args.scale > 0):
-        raise UsageError(f'--scale must be a positive number, got {args.scale}')
-    if args.batch_size < 1:
-        raise UsageError('--batch-size must be >= 1')
-    if not 0 <= args.compress_level <= 9:
-        raise UsageError('--compress-level must be in 0..9')
-    if args.commit_every < 1:
-        raise UsageError('--commit-every must be >= 1')
-    if args.preview_count < 0:
-        raise UsageError('--preview-count must be >= 0')
-    if not args.dist_timeout > 0:
-        raise UsageError('--dist-timeout must be positive')
-    if not os.path.isdir(args.input):
-        raise UsageError(f'--input {args.input} is not a folder')
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise UsageError('--output must differ from --input')
+@dataclass
+class PrecomputeConfig:
+    """One precompute run: what ``scripts/precompute_attention.py``'s options of the same names set.
+
+    ``source_opts`` are the source's keyword arguments; ``size`` (H, W) or ``scale`` put the maps on another grid;
+    ``dist_timeout`` is in minutes; ``force`` archives an output made with other settings instead of refusing it.
+    """
+    input: str
+    output: str
+    source: str
+    source_opts: Dict[str, object] = field(default_factory=dict)
+    size: Optional[Tuple[int, int]] = None
+    scale: Optional[float] = None
+    device: Optional[str] = None
+    batch_size: int = 1
+    compress_level: int = 1
+    map_size: int = 1024 ** 3
+    commit_every: int = 64
+    previews: Optional[str] = None
+    preview_count: int = 8
+    dist_timeout: float = 24 * 60.0
+    show_progress: bool = True
+    force: bool = False
+
+    def check(self) -> None:
+        """UsageError naming the option of a value no run can use."""
+        if self.size is not None and (len(self.size) != 2 or self.size[0] < 1 or self.size[1] < 1):
+            raise UsageError(f'--size must be positive, got {" ".join(str(v) for v in self.size)}')
+        if self.scale is not None and not (np.isfinite(self.scale) and self.scale > 0):
+            raise UsageError(f'--scale must be a positive number, got {self.scale}')
+        if self.size is not None and self.scale is not None:
+            raise UsageError('--size and --scale exclude each other')
+        if self.batch_size < 1:
+            raise UsageError('--batch-size must be >= 1')
+        if not 0 <= self.compress_level <= 9:
+            raise UsageError('--compress-level must be in 0..9')
+        if self.commit_every < 1:
+            raise UsageError('--commit-every must be >= 1')
+        if self.preview_count < 0:
+            raise UsageError('--preview-count must be >= 0')
+        if not self.dist_timeout > 0:
+            raise UsageError('--dist-timeout must be positive')
+        if not os.path.isdir(self.input):
+            raise UsageError(f'--input {self.input} is not a folder')
+        if os.path.abspath(self.input) == os.path.abspath(self.output):
+            raise UsageError('--output must differ from --input')
+
+
+def check_output_settings(output: str, meta: dict, force: bool = False, log=print) -> Optional[str]:
+    """Before anything is written: refuse an existing ``output`` whose maps were made with other settings
+    (:class:`~yoda_plugin.utils.fingerprint.SettingsMismatch`, a ValueError: one line naming the differing keys
+    and the choices). With ``force`` the output and its leftover shards are archived instead; returns the
+    archive's path (None when nothing was archived)."""
+    if not os.path.isfile(os.path.join(output, META_FILE)):
+        return None
+    diffs = differences(flatten(read_attention_meta(output)), flatten(_full_meta(meta)))
+    if not diffs:
+        return None
+    if not force:
+        raise SettingsMismatch('attention maps', os.path.abspath(output), diffs, 'write to another --output',
+                               'rerun with --force')
+    moved = archive(output)
+    if os.path.isdir(shard_root(output)):
+        archive(shard_root(output))
+    log(f'--force: {output} held maps made with other settings ({"; ".join(diffs[:6])}); archived to {moved}')
+    return moved
 
 
 def _summary(output, written, skipped, failed, seconds) -> int:
@@ -451,25 +464,28 @@ def _summary(output, written, skipped, failed, seconds) -> int:
     return 0
 
 
-def run(args) -> int:
+def run(config: PrecomputeConfig) -> int:
     """Single process: leftover shards of an interrupted sharded run are merged first, then maps are computed
-    straight into ``--output``."""
-    source = build_source(args)
-    meta = make_attention_meta(source, **grid_meta(args.size, args.scale))
-    items, lmdb_input = load_items(args)
+    straight into ``config.output``. 0, or 1 when an image failed (listed in the summary)."""
+    source = build_source(config.source, config.source_opts, config.device)
+    meta = make_attention_meta(source, **grid_meta(config.size, config.scale))
+    check_output_settings(config.output, meta, config.force)
+    items, lmdb_input = load_items(config.input)
     start = time.perf_counter()
     try:
-        with AttentionLMDBWriter(args.output, meta, map_size=args.map_size,
-                                 compress_level=args.compress_level) as writer:
-            merge_shards(writer, args.output)
-            if args.previews and args.preview_count:
-                n = write_previews(source, items[:args.preview_count], args.previews)
-                print(f'previews: {n} written to {args.previews}')
-            written, skipped, failed = process_items(source, items, writer, args, desc=f'{args.source} attention')
+        with AttentionLMDBWriter(config.output, meta, map_size=config.map_size,
+                                 compress_level=config.compress_level) as writer:
+            merge_shards(writer, config.output)
+            if config.previews and config.preview_count:
+                n = write_previews(source, items[:config.preview_count], config.previews)
+                print(f'previews: {n} written to {config.previews}')
+            written, skipped, failed = process_items(
+                source, items, writer, config.size, config.scale, config.batch_size, config.commit_every,
+                desc=f'{config.source} attention', show_progress=config.show_progress)
     finally:
         if lmdb_input is not None:
             lmdb_input.close()
-    return _summary(args.output, written, skipped, failed, time.perf_counter() - start)
+    return _summary(config.output, written, skipped, failed, time.perf_counter() - start)
 
 
 def _all_max(value: int) -> int:
@@ -479,24 +495,25 @@ def _all_max(value: int) -> int:
     return int(t.item())
 
 
-def run_distributed(args, rank: int, world: int, local_rank: int) -> int:
+def run_distributed(config: PrecomputeConfig, rank: int, world: int, local_rank: int) -> int:
     """One rank of a torchrun job (the sharding section of scripts/precompute_attention.py's docstring): keys
     ``rank, rank + world, ...`` go into the rank's shard, rank 0 merges all shards. Every rank returns the same
-    exit status."""
+    exit status (2 for a setup error on any rank, which prints it)."""
     import torch.distributed as dist
-    dist.init_process_group('gloo', timeout=datetime.timedelta(minutes=args.dist_timeout))
+    dist.init_process_group('gloo', timeout=datetime.timedelta(minutes=config.dist_timeout))
     final = shard = lmdb_input = None
     prefix = f'[rank {rank}] '
     try:
         # 1. setup: rank 0 opens (creates, checks, locks) the final output; errors on any rank stop all with 2
         status, done = 0, set()
         try:
-            source = build_source(args, local_rank)
-            meta = make_attention_meta(source, **grid_meta(args.size, args.scale))
-            items, lmdb_input = load_items(args)
+            source = build_source(config.source, config.source_opts, config.device, local_rank)
+            meta = make_attention_meta(source, **grid_meta(config.size, config.scale))
+            items, lmdb_input = load_items(config.input)
             if rank == 0:
-                final = AttentionLMDBWriter(args.output, meta, map_size=args.map_size,
-                                            compress_level=args.compress_level)
+                check_output_settings(config.output, meta, config.force)
+                final = AttentionLMDBWriter(config.output, meta, map_size=config.map_size,
+                                            compress_level=config.compress_level)
                 done = set(final.keys())
         except SETUP_ERRORS as err:
             print(f'{prefix}error: {err}', file=sys.stderr)
@@ -507,8 +524,8 @@ def run_distributed(args, rank: int, world: int, local_rank: int) -> int:
         dist.broadcast_object_list(box, src=0)
         done = set(box[0])
         try:
-            shard = AttentionLMDBWriter(shard_path(args.output, rank), meta, map_size=args.map_size,
-                                        compress_level=args.compress_level)
+            shard = AttentionLMDBWriter(shard_path(config.output, rank), meta, map_size=config.map_size,
+                                        compress_level=config.compress_level)
         except SETUP_ERRORS as err:
             print(f'{prefix}error: {err}', file=sys.stderr)
             status = 2
@@ -517,13 +534,14 @@ def run_distributed(args, rank: int, world: int, local_rank: int) -> int:
 
         # 2. compute this rank's share into its shard
         start = time.perf_counter()
-        if rank == 0 and args.previews and args.preview_count:
-            n = write_previews(source, items[:args.preview_count], args.previews)
-            print(f'previews: {n} written to {args.previews}')
+        if rank == 0 and config.previews and config.preview_count:
+            n = write_previews(source, items[:config.preview_count], config.previews)
+            print(f'previews: {n} written to {config.previews}')
         mine = items[rank::world]
         written, skipped, failed = process_items(
-            source, mine, shard, args, done=done, desc=f'{args.source} attention (rank 0 of {world})',
-            show_progress=rank == 0, prefix=prefix)
+            source, mine, shard, config.size, config.scale, config.batch_size, config.commit_every, done=done,
+            desc=f'{config.source} attention (rank 0 of {world})', show_progress=rank == 0 and config.show_progress,
+            prefix=prefix)
         shard.close()
         shard = None
         stats = [None] * world
@@ -536,11 +554,11 @@ def run_distributed(args, rank: int, world: int, local_rank: int) -> int:
             skipped = sum(s[1] for s in stats)
             failed = [f for s in stats for f in s[2]]
             try:
-                merge_shards(final, args.output)
+                merge_shards(final, config.output)
                 final.close()
-                code = _summary(args.output, written, skipped, failed, time.perf_counter() - start)
+                code = _summary(config.output, written, skipped, failed, time.perf_counter() - start)
             except SETUP_ERRORS as err:
-                print(f'error: merging the shards into {args.output} failed: {err}', file=sys.stderr)
+                print(f'error: merging the shards into {config.output} failed: {err}', file=sys.stderr)
                 code = 2
         box = [code]
         dist.broadcast_object_list(box, src=0)
@@ -554,25 +572,11 @@ def run_distributed(args, rank: int, world: int, local_rank: int) -> int:
         dist.destroy_process_group()
 
 
-def run_from_args(args) -> int:
-    """Run a parsed (and :func:`check_args`-checked) command line; the exit status 0, 1 or 2.
-
-    Under torchrun (``WORLD_SIZE`` > 1) this process is one rank (:func:`run_distributed`), else a plain
-    :func:`run`. Setup errors (:data:`SETUP_ERRORS`) are printed and give 2, and so does a full disk: one line
-    "error: no space left on <path> ..." (:class:`~yoda_plugin.utils.disk.DiskFullError`), no traceback.
-    """
+def run_job(config: PrecomputeConfig) -> int:
+    """:func:`run_distributed` when this process is one rank of a torchrun job (``WORLD_SIZE`` > 1), else
+    :func:`run`."""
     world = int(os.environ.get('WORLD_SIZE', '1') or 1)
-    try:
-        if world > 1:
-            rank = int(os.environ.get('RANK', '0'))
-            return run_distributed(args, rank, world, int(os.environ.get('LOCAL_RANK', rank)))
-        return run(args)
-    except SETUP_ERRORS as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    except (lmdb.Error, OSError) as err:  # DiskFullError from the writer, or a raw error on a full disk
-        full = disk_full_error(err, getattr(err, 'path', None) or args.output)
-        if full is None:
-            raise
-        print(f'error: {full}', file=sys.stderr)  # one line, no traceback; committed maps stay (rerun resumes)
-        return DISK_FULL_EXIT_CODE
+    if world > 1:
+        rank = int(os.environ.get('RANK', '0'))
+        return run_distributed(config, rank, world, int(os.environ.get('LOCAL_RANK', rank)))
+    return run(config)

@@ -1,11 +1,13 @@
 """Published SR3 and SRDiff checkpoints: recognise their file layouts, map them onto our networks, convert them.
 
-See :mod:`yoda_plugin.checkpoints.public` (``python scripts/convert_checkpoint.py`` is its command line).
+See :mod:`yoda_plugin.checkpoints.public` (``python scripts/convert_checkpoint.py`` is its command line);
+:func:`load_network_weights` (:mod:`.loading`) loads BasicSR checkpoints and these files into a built network.
 """
+from .loading import MIN_LOADED_SHARE, load_network_weights
 from .public import (FORMATS, JANSPIRY_SR3, SRDIFF, PublicCheckpoint, convert_checkpoint, count_parameters,
                      detect_format, fit_network, format_yaml_block, network_state_from_public, public_key_map,
                      read_public_checkpoint)
 
-__all__ = ['FORMATS', 'JANSPIRY_SR3', 'SRDIFF', 'PublicCheckpoint', 'convert_checkpoint', 'count_parameters',
-           'detect_format', 'fit_network', 'format_yaml_block', 'network_state_from_public', 'public_key_map',
-           'read_public_checkpoint']
+__all__ = ['MIN_LOADED_SHARE', 'load_network_weights', 'FORMATS', 'JANSPIRY_SR3', 'SRDIFF', 'PublicCheckpoint',
+           'convert_checkpoint', 'count_parameters', 'detect_format', 'fit_network', 'format_yaml_block',
+           'network_state_from_public', 'public_key_map', 'read_public_checkpoint']

@@ -27,7 +27,7 @@ The schedule comes from the file's ``betas`` buffer when it has one.
 :func:`convert_checkpoint` writes a BasicSR checkpoint (``params`` and
 ``params_ema``) and returns the option blocks that build the matching network;
 :func:`network_state_from_public` is what
-:func:`yoda_plugin.models.checkpoint.load_network_weights` uses to load the
+:func:`yoda_plugin.checkpoints.loading.load_network_weights` uses to load the
 original files directly through ``path.pretrain_network_g``.
 """
 import math
@@ -35,9 +35,11 @@ import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from ..utils.torch_io import atomic_torch_save, load_checkpoint
 
 JANSPIRY_SR3 = 'janspiry-sr3'
 SRDIFF = 'srdiff'
@@ -416,24 +418,32 @@ def read_public_checkpoint(obj, source: str, fmt: Optional[str] = None, image_si
     if fmt is not None and fmt != detected:
         raise ValueError(f'{source} is a {detected} checkpoint, not {fmt}: pass --format {detected}')
     state = _public_state(obj, detected, source)
-    notes = []
-    if detected == JANSPIRY_SR3:
-        network_g, _, notes, published = _sr3_options(state, source, image_size, norm_groups, dropout)
-        variant = 'scale-shift' if network_g['noise_affine'] else 'additive'
-        diffusion = _schedule_from_buffers(state, _SR3_SCHEDULE, notes)
-        diffusion.update(sample_steps=diffusion['num_timesteps'], variance='posterior', clip_denoised=True,
-                         continuous_noise_level=True)
-        extra = {}
-    else:
-        network_g, published = _srdiff_options(state, source)
-        variant = 'official'
-        diffusion = _schedule_from_buffers(state, _SRDIFF_SCHEDULE, notes)
-        diffusion.update(sample_steps=diffusion['num_timesteps'], variance='posterior', clip_denoised=True,
-                         continuous_noise_level=False)
-        extra = {'srdiff': OrderedDict(res_rescale=2.0, clip_input=True)}
-        notes.append('srdiff: res_rescale 2.0 and clip_input true are SRDiff\'s published settings (not stored in '
-                     'the file)')
+    hints = {'image_size': image_size, 'norm_groups': norm_groups, 'dropout': dropout}
+    layout = LAYOUTS[detected]
+    network_g, variant, diffusion, extra, notes, published = layout.read(
+        state, source, **{k: hints[k] for k in layout.option_hints})
     return PublicCheckpoint(detected, variant, state, network_g, diffusion, extra, notes, published)
+
+
+def _read_sr3(state, source, image_size=None, norm_groups=None, dropout=None):
+    network_g, _, notes, published = _sr3_options(state, source, image_size, norm_groups, dropout)
+    variant = 'scale-shift' if network_g['noise_affine'] else 'additive'
+    diffusion = _schedule_from_buffers(state, _SR3_SCHEDULE, notes)
+    diffusion.update(sample_steps=diffusion['num_timesteps'], variance='posterior', clip_denoised=True,
+                     continuous_noise_level=True)
+    return network_g, variant, diffusion, {}, notes, published
+
+
+def _read_srdiff(state, source):
+    notes = []
+    network_g, published = _srdiff_options(state, source)
+    diffusion = _schedule_from_buffers(state, _SRDIFF_SCHEDULE, notes)
+    diffusion.update(sample_steps=diffusion['num_timesteps'], variance='posterior', clip_denoised=True,
+                     continuous_noise_level=False)
+    extra = {'srdiff': OrderedDict(res_rescale=2.0, clip_input=True)}
+    notes.append('srdiff: res_rescale 2.0 and clip_input true are SRDiff\'s published settings (not stored in '
+                 'the file)')
+    return network_g, 'official', diffusion, extra, notes, published
 
 
 def _build_meta(network_g: dict):
@@ -447,10 +457,7 @@ def _build_meta(network_g: dict):
 
 def public_key_map(network_g: dict, fmt: str) -> 'OrderedDict[str, str]':
     """Our key -> the key in the public layout ``fmt``, for every tensor of the network ``network_g`` builds."""
-    net = _build_meta(network_g)
-    if fmt == JANSPIRY_SR3:
-        return OrderedDict(_sr3_key_map(net))
-    return OrderedDict((k, _srdiff_key(k)) for k in net.state_dict())
+    return OrderedDict(LAYOUTS[fmt].key_map(_build_meta(network_g)))
 
 
 def network_state_from_public(ckpt: PublicCheckpoint, source: str = 'checkpoint') -> 'OrderedDict[str, torch.Tensor]':
@@ -491,20 +498,17 @@ def fit_network(net, obj, source: str, fmt: str, strict: bool = True, warn=None)
     offset) must always agree; with ``strict`` False structural differences are left to the partial load.
     """
     options = getattr(net, 'network_options', None)
-    expected = {JANSPIRY_SR3: 'SR3UNet', SRDIFF: 'SRDiffNet'}[fmt]
-    if type(net).__name__ != expected or options is None:
-        raise ValueError(f'{source} is a {fmt} checkpoint; it loads into network_g.type: {expected}, not '
+    layout = LAYOUTS[fmt]
+    if type(net).__name__ != layout.network_type or options is None:
+        raise ValueError(f'{source} is a {fmt} checkpoint; it loads into network_g.type: {layout.network_type}, not '
                          f'{type(net).__name__}')
-    if fmt == JANSPIRY_SR3:
-        ckpt = read_public_checkpoint(obj, source, fmt, options['image_size'], options['norm_groups'],
-                                      options['dropout'])
-    else:
-        ckpt = read_public_checkpoint(obj, source, fmt)
+    # What the weights cannot tell comes from the option file (SR3: image_size, norm_groups, dropout).
+    ckpt = read_public_checkpoint(obj, source, fmt, **{k: options[k] for k in layout.option_hints})
     wanted = ckpt.network_g
     behaviour = ('noise_proj_silu', 'attn_qkv_bias', 'noise_affine', 'time_offset')
     differ = []
     for key, value in wanted.items():
-        if key in ('type', 'image_size', 'dropout', 'norm_groups') and fmt == JANSPIRY_SR3:
+        if key in layout.option_hints:
             continue
         if key == 'attn_resolutions':
             if _sr3_attn_levels(options) != _sr3_attn_levels(wanted):
@@ -527,14 +531,36 @@ def fit_network(net, obj, source: str, fmt: str, strict: bool = True, warn=None)
         if warn is not None:
             warn(f'{source} ({ckpt.label}) differs from network_g: {text}; strict_load is false, so the tensors '
                  f'that fit are loaded')
-    if fmt == JANSPIRY_SR3 and ckpt.published and warn is not None:
-        published = next(v for v in _SR3_PUBLISHED.values() if v[0] == ckpt.published)
-        if options['norm_groups'] != published[2] and not wanted['noise_affine']:
-            warn(f'{source} has the layout of {ckpt.published}, trained with norm_groups: {published[2]}, but '
-                 f'network_g.norm_groups is {options["norm_groups"]}; groups cannot be read from weights, so this '
-                 f'loads but computes another network unless the file was trained so')
+    if layout.check_published is not None and ckpt.published and warn is not None:
+        layout.check_published(ckpt, options, source, warn)
     # Mapped with the file's own layout; a non-strict load of a differing network then keeps what fits.
     return network_state_from_public(ckpt, source)
+
+
+def _check_sr3_published(ckpt: PublicCheckpoint, options: dict, source: str, warn):
+    published = next(v for v in _SR3_PUBLISHED.values() if v[0] == ckpt.published)
+    if options['norm_groups'] != published[2] and not ckpt.network_g['noise_affine']:
+        warn(f'{source} has the layout of {ckpt.published}, trained with norm_groups: {published[2]}, but '
+             f'network_g.norm_groups is {options["norm_groups"]}; groups cannot be read from weights, so this '
+             f'loads but computes another network unless the file was trained so')
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A published file layout: the network it fills, how its options and key names are read, and what the
+    option file must say because the weights cannot (``option_hints``, passed to ``read``)."""
+    network_type: str
+    read: Callable
+    key_map: Callable
+    option_hints: Tuple[str, ...] = ()
+    check_published: Optional[Callable] = None
+
+
+LAYOUTS = {
+    JANSPIRY_SR3: Layout('SR3UNet', _read_sr3, _sr3_key_map, ('image_size', 'norm_groups', 'dropout'),
+                         _check_sr3_published),
+    SRDIFF: Layout('SRDiffNet', _read_srdiff, lambda net: ((k, _srdiff_key(k)) for k in net.state_dict())),
+}
 
 
 def convert_checkpoint(in_path: str, out_path: str, fmt: Optional[str] = None, force: bool = False,
@@ -546,7 +572,6 @@ def convert_checkpoint(in_path: str, out_path: str, fmt: Optional[str] = None, f
     ``out_path`` is never overwritten unless ``force``, and never when it is ``in_path``. Returns the read
     checkpoint; :meth:`PublicCheckpoint.option_blocks` gives the option blocks for the written file.
     """
-    from yoda_plugin.models.checkpoint import atomic_torch_save, load_checkpoint
     if os.path.exists(out_path) and os.path.exists(in_path) and os.path.samefile(in_path, out_path):
         raise ValueError(f'the output {out_path} is the input file; choose another output path')
     if os.path.exists(out_path) and not force:

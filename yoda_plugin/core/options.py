@@ -6,6 +6,7 @@ the values; :func:`build_section` turns an option dict into it, refusing
 unknown keys with the closest known one.
 """
 import difflib
+import math
 from dataclasses import fields
 from typing import Optional, Type, TypeVar
 
@@ -31,3 +32,16 @@ def build_section(cls: Type[T], opt: Optional[dict], where: str) -> T:
     if unknown:
         raise ValueError(unknown_key_message(where, unknown, known))
     return cls(**dict(opt))
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_bool(value, name: str):
+    if not isinstance(value, bool):
+        raise ValueError(f'{name} must be true or false, got {value!r}')

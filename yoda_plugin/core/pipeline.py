@@ -7,14 +7,14 @@ sampler (:class:`.yoda.YODASampler`) and the loop (:func:`.samplers.sample`).
 :func:`pad_inputs` pads LR, upsampled LR and attention so the HR size is a
 multiple of the network's; callers crop the output back.
 """
-import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .adapters import get_backbone, lcm
 from .colour_fix import apply_colour_fix, check_colour_fix
-from .samplers import sample
+from .samplers import SamplerConfig, sample
 from .sparse import SparseConfig
 from .tiling import TilingConfig
 from .yoda import YODAConfig
@@ -70,20 +70,15 @@ def super_resolve(adapter, sampler, yoda: YODAConfig, attention: Optional[torch.
     return z, {'sparse_stats': stats, 'tiles': getattr(net_fn, 'num_tiles', 1)}
 
 
-BACKBONES = ('sr3', 'srdiff')
-
-
-def _lcm(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)
-
-
 class DiffusionSR:
     """A diffusion SR network with its settings: ``sr, info = pipe(lq, lq_up, attention, generator)``.
 
-    The one object that samples, for both backbones (``'sr3'``: image space,
-    ``'srdiff'``: residual space): the BasicSR models, :class:`yoda_plugin.YODAResolver`,
-    the scripts and the benchmarks all sample through it. ``schedule`` is the
-    training schedule; ``sampler`` a :class:`~.samplers.SamplerConfig` whose
+    The one object that samples, for every registered backbone
+    (:data:`~.adapters.BACKBONES`: ``'sr3'`` in image space, ``'srdiff'`` in
+    residual space): the BasicSR models, :class:`yoda_plugin.YODAResolver`,
+    the scripts and the benchmarks all sample through it. ``backbone`` is a
+    registered name or adapter class; ``schedule`` is the training schedule;
+    ``sampler`` a :class:`~.samplers.SamplerConfig` whose
     ``steps`` default to ``default_steps`` (``diffusion.sample_steps``);
     ``variance`` is DDPM's; ``clip`` clips the predicted x0 to [-1, 1];
     ``backbone_options`` go to the adapter (SRDiff: ``res_rescale``,
@@ -95,25 +90,21 @@ class DiffusionSR:
     colour fix.
     """
 
-    def __init__(self, net, backbone: str, schedule, scale: int, yoda: YODAConfig, sampler=None,
+    def __init__(self, net, backbone, schedule, scale: int, yoda: YODAConfig, sampler=None,
                  default_steps: Optional[int] = None, variance: str = 'posterior', clip: bool = True,
                  sparse: Optional[SparseConfig] = None, tiling: Optional[TilingConfig] = None,
                  amp_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
                  backbone_options: Optional[dict] = None, colour_fix: Optional[str] = None):
-        from .adapters import SR3Adapter, SRDiffAdapter
-        from .samplers import SamplerConfig
-        if backbone not in BACKBONES:
-            raise ValueError(f'backbone must be one of {BACKBONES}, got {backbone!r}')
-        self.net, self.backbone, self.scale, self.yoda = net, backbone, scale, yoda
+        self.adapter_cls = get_backbone(backbone)
+        self.net, self.backbone, self.scale, self.yoda = net, self.adapter_cls.name, scale, yoda
         self.sampler_config = sampler if sampler is not None else SamplerConfig()
         self.sampler = self.sampler_config.build(schedule, default_steps, (-1.0, 1.0) if clip else None, variance)
         self.sparse, self.amp_dtype, self.channels_last = sparse or SparseConfig(), amp_dtype, channels_last
         self.backbone_options = dict(backbone_options or {})
         self.colour_fix = check_colour_fix(colour_fix)
-        self._adapter_cls = SR3Adapter if backbone == 'sr3' else SRDiffAdapter
         # Crops and tiles align to the network's size multiple; padding also to the scale (whole LR pixels).
-        self.multiple = 2**(net.num_levels - 1) if backbone == 'sr3' else _lcm(net.size_multiple, scale)
-        self.pad_multiple = _lcm(self.multiple, scale)
+        self.multiple = self.adapter_cls.size_multiple(net, scale)
+        self.pad_multiple = lcm(self.multiple, scale)
         self.tiling = (tiling or TilingConfig()).checked(self.multiple)
 
     @property
@@ -121,10 +112,8 @@ class DiffusionSR:
         return self.sampler.num_steps
 
     def adapter(self, lq: torch.Tensor, lq_up: torch.Tensor):
-        if self.backbone == 'sr3':
-            return self._adapter_cls(self.net, self.sampler.schedule, lq_up, self.amp_dtype, self.channels_last)
-        return self._adapter_cls(self.net, self.sampler.schedule, lq, lq_up, self.scale, self.amp_dtype,
-                                 self.channels_last, **self.backbone_options)
+        return self.adapter_cls.for_batch(self.net, self.sampler.schedule, lq, lq_up, self.scale, self.amp_dtype,
+                                          self.channels_last, **self.backbone_options)
 
     def update_ratio(self, attention: Optional[torch.Tensor]) -> torch.Tensor:
         """YODA's share of pixel updates versus full diffusion on this sampler's grid, per image (1 when off)."""

@@ -19,7 +19,7 @@ network's noise prediction ``eps`` for z_k:
 blend (Eq. 11, 13, 14); :func:`sample` runs either from pure noise to z_0.
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -67,6 +67,13 @@ class Sampler:
     """
     name = 'base'
     stochastic = True
+    config_fields = ()  # the fields of SamplerConfig (beyond type and steps) this sampler takes
+
+    @classmethod
+    def from_config(cls, config: 'SamplerConfig', schedule: DiffusionSchedule, steps: Optional[int],
+                    clip_range: ClipRange, variance: str) -> 'Sampler':
+        """The sampler of a ``val.sampler`` section (``variance``: the diffusion section's DDPM variance)."""
+        return cls(schedule, steps, clip_range, **{name: getattr(config, name) for name in cls.config_fields})
 
     def __init__(self, schedule: DiffusionSchedule, steps: Optional[int] = None, clip_range: ClipRange = (-1.0, 1.0)):
         self.schedule = schedule.respace(schedule.num_steps if steps is None else steps)
@@ -104,6 +111,10 @@ class DDPMSampler(Sampler):
     """
     name = 'ddpm'
 
+    @classmethod
+    def from_config(cls, config, schedule, steps, clip_range, variance):
+        return cls(schedule, steps, clip_range, variance)
+
     def __init__(self, schedule, steps=None, clip_range=(-1.0, 1.0), variance: str = 'posterior'):
         if variance not in VARIANCE_TYPES:
             raise ValueError(f'variance must be one of {VARIANCE_TYPES}, got {variance!r}')
@@ -129,6 +140,7 @@ class DDIMSampler(Sampler):
     guided-diffusion does), so eta = 1 gives DDPM's posterior mean and variance.
     """
     name = 'ddim'
+    config_fields = ('eta', )
 
     def __init__(self, schedule, steps=None, clip_range=(-1.0, 1.0), eta: float = 0.0):
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
@@ -211,7 +223,7 @@ class SamplerConfig:
                              f'got {self.steps!r}')
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not 0 <= self.eta <= 1:
             raise ValueError(f'val.sampler.eta must be a number in [0, 1], got {self.eta!r}')
-        if self.type != 'ddim' and self.eta:
+        if self.eta and 'eta' not in SAMPLERS[self.type].config_fields:
             raise ValueError(f'val.sampler.eta is a DDIM option; sampler {self.type!r} takes none')
 
     @classmethod
@@ -227,7 +239,7 @@ class SamplerConfig:
             kind, steps, eta = parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
         except (IndexError, ValueError):
             kind = None
-        if kind not in SAMPLERS or len(parts) > 3 or (eta and kind != 'ddim'):
+        if kind not in SAMPLERS or len(parts) > 3 or (eta and 'eta' not in SAMPLERS[kind].config_fields):
             raise ValueError(f'sampler {spec!r}: expected TYPE:STEPS[:ETA] with TYPE one of {sorted(SAMPLERS)} '
                              '(ETA for ddim only), e.g. ddim:20 or ddim:20:0.5')
         return cls(kind, steps, eta)
@@ -238,17 +250,13 @@ class SamplerConfig:
         if steps is not None and not 1 <= steps <= schedule.num_steps:
             raise ValueError(f'val.sampler.steps must be in [1, diffusion.num_timesteps={schedule.num_steps}], '
                              f'got {steps}')
-        if self.type == 'ddpm':
-            return DDPMSampler(schedule, steps, clip_range, variance)
-        if self.type == 'ddim':
-            return DDIMSampler(schedule, steps, clip_range, self.eta)
-        return DPMSolverSampler(schedule, steps, clip_range)
+        return SAMPLERS[self.type].from_config(self, schedule, steps, clip_range, variance)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def label(self, steps: int) -> str:
-        return f'{self.type}{"(eta=%g)" % self.eta if self.type == "ddim" and self.eta else ""}/{steps}'
+        return f'{self.type}{"(eta=%g)" % self.eta if self.eta else ""}/{steps}'
 
 
 def randn_like(x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -4,7 +4,7 @@ Works for an image-space model (SR3: the unrefined component z^LR has mean x,
 the upsampled LR image) and a residual-space model (SRDiff: mean 0, paper
 Sec. 4.1.2): the caller passes ``lr_mean`` accordingly.
 
-Choices where the paper is ambiguous (see README, "Ambiguities"):
+Choices where the paper is ambiguous (see docs/method.md, "Ambiguities"):
 
 * Noise of z^LR_{k-1} (Eq. 13), ``lr_noise``:
   ``'marginal'`` draws it from the forward marginal q(z_{k-1} | x) =

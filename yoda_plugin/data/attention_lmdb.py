@@ -29,6 +29,7 @@ import numpy as np
 
 from ..utils.disk import DiskFullError, raise_if_disk_full
 from ..utils.filelock import FileLock, LockHeldError
+from ..utils.jsonable import to_json
 
 FORMAT = 'yoda-attention-v1'
 ENCODING = 'png16'
@@ -52,8 +53,7 @@ class MissingAttentionKeyError(ValueError, KeyError):
 # --------------------------------------------------------------------------- helpers
 
 def _canonical(value):
-    """JSON round trip (see :func:`yoda_plugin.attention.to_json`); ValueError if not JSON-able."""
-    from yoda_plugin.attention import to_json
+    """JSON round trip (see :func:`yoda_plugin.utils.jsonable.to_json`); ValueError if not JSON-able."""
     try:
         return to_json(value)
     except (TypeError, ValueError) as err:
@@ -253,28 +253,45 @@ def check_attention_meta(path: str, expected: dict) -> dict:
     return found
 
 
-def read_meta_info(path: str) -> List[Tuple[str, Tuple[int, ...], str]]:
-    """Parse a BasicSR ``meta_info.txt`` of the LMDB folder ``path`` into (key, shape, compress_level).
+def meta_info_file(path: str) -> str:
+    """``path`` itself, or the ``meta_info.txt`` of the LMDB folder ``path``."""
+    return os.path.join(path, META_INFO_FILE) if os.path.isdir(path) else path
 
-    The key is the file name before its last extension (``a.b.png`` -> ``a.b``).
-    """
-    file = os.path.join(path, META_INFO_FILE)
-    rows = []
+
+def _meta_info_lines(file: str):
+    """(line number, whitespace-separated fields) of every non-empty line of a BasicSR meta info file."""
     with open(file, encoding='utf-8') as f:
         for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split(' ')
-            name = parts[0]
-            key = os.path.splitext(name)[0] or name
-            shape: Tuple[int, ...] = ()
-            if len(parts) > 1:
-                try:
-                    shape = tuple(int(v) for v in parts[1].strip('()').split(',') if v)
-                except ValueError:
-                    raise ValueError(f'{file}:{lineno}: cannot parse the shape in {line!r}') from None
-            rows.append((key, shape, parts[2] if len(parts) > 2 else ''))
+            if line.strip():
+                yield lineno, line.split()
+
+
+def _meta_info_key(name: str) -> str:
+    return os.path.splitext(name)[0] or name  # a.b.png -> a.b
+
+
+def read_meta_info_keys(path: str) -> List[str]:
+    """The keys a BasicSR meta info file lists (the first field of each line, without its extension), in order;
+    ``path`` is the file or an LMDB folder. The other fields are not read (files of other tools vary there)."""
+    return [_meta_info_key(fields[0]) for _, fields in _meta_info_lines(meta_info_file(path))]
+
+
+def read_meta_info(path: str) -> List[Tuple[str, Tuple[int, ...], str]]:
+    """Parse a BasicSR ``meta_info.txt`` (``path``: the LMDB folder, or the file) into (key, shape, compress_level).
+
+    The key is the file name before its last extension (``a.b.png`` -> ``a.b``). The one reader of these
+    files: precompute, data preparation and the datasets use it.
+    """
+    file = meta_info_file(path)
+    rows = []
+    for lineno, fields in _meta_info_lines(file):
+        shape: Tuple[int, ...] = ()
+        if len(fields) > 1:
+            try:
+                shape = tuple(int(v) for v in fields[1].strip('()').split(',') if v)
+            except ValueError:
+                raise ValueError(f'{file}:{lineno}: cannot parse the shape in {" ".join(fields)!r}') from None
+        rows.append((_meta_info_key(fields[0]), shape, fields[2] if len(fields) > 2 else ''))
     return rows
 
 

@@ -1,39 +1,37 @@
-"""Preparing the paper's datasets: the logic of ``scripts/prepare_data.py`` (its docstring is the user documentation).
+"""Preparing image LMDBs: the library half of data preparation (the paper's recipes and the command line are
+:mod:`yoda_plugin.apps.prepare_data`, whose ``scripts/prepare_data.py`` docstring is the user documentation).
 
-Scenarios
----------
-* :func:`face_jobs`: a folder of FFHQ or CelebA-HQ images becomes ``<root>/FFHQ/`` (or ``<root>/CelebA-HQ/``
-  with ``val``): ``lr_16.lmdb``, ``hr_128.lmdb``, ``lr_64.lmdb``, ``hr_256.lmdb``, ``hr_512.lmdb``. As SR3's data
-  preparation (Janspiry's ``data/prepare_data.py``), every size is made from the original image directly: the
-  short side is resized to the size with Pillow's bicubic filter (aspect kept, the long side truncated to an
-  int), then the centre square is cut (:func:`sr3_resize`). LR and HR are two such resizes of one original.
-* :func:`df2k_jobs`: DIV2K/Flickr2K HR folders become ``<root>/DF2K/DF2K_HR_sub320.lmdb`` and
-  ``DF2K_LR_bicubic_X4_sub80.lmdb``, as SRDiff's ``data_gen/df2k.py``: the HR image is cropped to a multiple of
-  4 (top left kept), its LR is MATLAB's bicubic ``imresize(HR, 1/4)`` of the whole image on uint8 data
-  (:func:`matlab_imresize`: rounded after each of the two passes, as MATLAB and SRDiff's port do; BasicSR's
-  float ``imresize``, rounded once, differs by up to a few levels on ~10% of the pixels), and 320x320 HR /
-  80x80 LR sub-images are cut at the same places (:func:`subimage_starts`: step 320,
-  a start is used while it lies more than 160 pixels before the far border). SRDiff keeps the last, shorter
-  sub-image of a row or column (160..319 pixels); we move it back inside the image so that every sub-image is
-  320x320 (same count, same pixels covered). DIV2K validation images are stored whole (cropped to a multiple
-  of 4), with their MATLAB-bicubic LR, in ``<root>/DIV2K/DIV2K_valid_HR.lmdb`` / ``DIV2K_valid_LR_bicubic_X4.lmdb``.
-* Attention: :func:`attention_jobs` runs :func:`yoda_plugin.attention.precompute.run` on each LR LMDB made,
-  into ``attention_<tag>_<lr>.lmdb`` (faces), ``attention_<tag>_sub80.lmdb`` (DF2K) and
-  ``attention_<tag>_valid_X4.lmdb`` (DIV2K), the names the option files read.
+Resizing
+--------
+* :func:`sr3_resize`: SR3's data preparation (Janspiry's ``data/prepare_data.py``): the short side is resized
+  with Pillow's bicubic filter (aspect kept, the long side truncated to an int), then the centre square is cut.
+* :func:`matlab_imresize`: MATLAB's bicubic ``imresize`` on uint8 data, rounded after each of the two passes, as
+  MATLAB and SRDiff's port do (BasicSR's float ``imresize``, rounded once, differs by up to a few levels on ~10%
+  of the pixels); :func:`mod_crop`; :func:`subimage_starts`: SRDiff's sub-image grid (step 320, a start is used
+  while it lies more than 160 pixels before the far border; the last, shorter sub-image of a row or column is
+  moved back inside the image, so every sub-image is 320x320).
 
-Resuming and idempotence
-------------------------
-Each image LMDB gets ``yoda_prepare.json`` (its recipe) before any image; a folder holding an LMDB without it,
-or with another recipe, is refused. Images are committed ``commit_every`` inputs at a time
-(:func:`yoda_plugin.data.attention_lmdb.commit_pairs`, which grows the map), so an interrupted run keeps what
-it committed; a rerun skips keys already present. When every input went in, ``yoda_prepare_complete.json``
+Jobs
+----
+An :class:`ImageJob` turns input images into one or more image LMDBs (:class:`ImageTarget`), by ``kind``:
+``faces`` (one :func:`sr3_resize` per target), ``df2k_train`` (HR/LR sub-images) or ``div2k_val`` (whole HR/LR,
+cropped to a multiple of 4). :func:`run_image_job` makes or finishes them.
+
+Resuming, idempotence and settings
+----------------------------------
+Each image LMDB gets ``yoda_prepare.json`` (its recipe: the settings that change its images) before any image.
+Before anything is written, every target is checked: a folder holding an LMDB without a recipe is refused (it
+is not ours); one with another recipe, or holding keys of images that are not among the job's inputs, is
+refused with one line naming the differences and the choices (another output, or ``force``: archive it as
+``<folder>_archived_<time>`` and make it afresh). Images are committed ``commit_every`` inputs at a time
+(:func:`yoda_plugin.data.attention_lmdb.commit_pairs`, which grows the map), so an interrupted run keeps what it
+committed; a rerun skips keys already present. When every input went in, ``yoda_prepare_complete.json``
 records a fingerprint of the inputs (keys, file sizes, modification times) and the recipe: a rerun whose
-fingerprint matches does nothing for that LMDB, not even reading image headers. An attention LMDB is marked
-complete with the fingerprint of its LR LMDB. Each LMDB folder is locked while written
-(:class:`yoda_plugin.utils.filelock.FileLock`).
+fingerprint matches does nothing for that LMDB, not even reading image headers. Each LMDB folder is locked
+while written (:class:`yoda_plugin.utils.filelock.FileLock`). :func:`check_layout` verifies the data an option
+file reads and names an interrupted LMDB as incomplete.
 
-Workers (``fork`` where available) decode, resize and PNG-encode; the main process alone writes. They are
-started before any attention source runs, so no torch thread pool exists when they fork.
+Workers (``fork`` where available) decode, resize and PNG-encode; the main process alone writes.
 """
 import hashlib
 import json
@@ -41,18 +39,18 @@ import multiprocessing
 import os
 import sys
 import time
-from argparse import Namespace
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import lmdb
 import numpy as np
 
-from ..utils.disk import DISK_FULL_EXIT_CODE, DiskFullError, disk_full_error, raise_if_disk_full
+from ..utils.disk import raise_if_disk_full
 from ..utils.filelock import FileLock, LockHeldError
-from .attention_lmdb import (META_INFO_FILE, _atomic_write_text, _png_size, check_attention_meta, commit_pairs,
-                             read_meta_info, validate_key)
+from ..utils.fingerprint import SettingsMismatch, archive, differences, flatten
+from .attention_lmdb import (META_FILE, META_INFO_FILE, _atomic_write_text, _png_size, check_attention_meta,
+                             commit_pairs, read_meta_info, validate_key)
 from .transforms import bicubic_resize
 
 RECIPE_FILE = 'yoda_prepare.json'
@@ -61,8 +59,6 @@ LOCK_FILE = 'yoda_prepare.lock'
 FORMAT = 'yoda-prepare-v1'
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm')
 
-#: face scenarios: name -> (LR size, HR size), as in options/{train,test}_sr3*.yml
-FACE_SCENARIOS = {'16_128': (16, 128), '64_256': (64, 256), '64_512': (64, 512)}
 DF2K_SCALE = 4
 SUB_SIZE, SUB_STEP, SUB_THRESH = 320, 320, 160  # SRDiff configs/df2k4x.yaml: crop_size, (step), thresh_size
 MIN_VAL_SIDE = 16
@@ -205,31 +201,6 @@ class ImageJob:
     params: dict
 
 
-@dataclass
-class AttentionJob:
-    """An attention source run on the LR LMDB ``lr_path`` into ``path``."""
-    name: str
-    source: str
-    source_opts: dict
-    lr_path: str
-    path: str
-
-
-@dataclass
-class Plan:
-    image_jobs: List[ImageJob]
-    attention_jobs: List[AttentionJob]
-    roots: List[str]  # dataset folders, for the disk total
-
-
-@dataclass
-class Report:
-    """What a run did, for the summary."""
-    failed: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    stages: List[Tuple[str, str, float]] = field(default_factory=list)  # (stage, what happened, seconds)
-    attention_status: int = 0
-
-
 def list_images(folder: str, recursive: bool = True) -> List[InputImage]:
     """Image files under ``folder`` (recursive: FFHQ ships in sub-folders of 1000), sorted by key = file stem."""
     if not os.path.isdir(folder):
@@ -258,109 +229,12 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _refuse_output_inside_input(outputs: Sequence[str], inputs: Sequence[str]) -> None:
+def refuse_output_inside_input(outputs: Sequence[str], inputs: Sequence[str]) -> None:
     for out in outputs:
         for inp in inputs:
             if _inside(out, inp):
                 raise UsageError(f'the output {out} lies inside the input folder {inp}; write the LMDBs elsewhere '
                                  '(e.g. --output datasets next to the image folder)')
-
-
-def parse_attention_spec(spec: str) -> Tuple[str, dict, str]:
-    """``SOURCE[:HEADS]`` -> (source name, options, LMDB tag): ``dino_resnet50:max`` -> tag ``dino_resnet50_max``,
-    ``dino_vits8:3`` -> ``dino_vits8_head3``, ``edge`` -> ``edge`` (the names of options/ and options/ablation/)."""
-    import inspect
-
-    from yoda_plugin.attention import ATTENTION_SOURCES
-    from yoda_plugin.attention.precompute import load_attention_sources
-    load_attention_sources()
-    name, sep, heads = spec.partition(':')
-    if name not in ATTENTION_SOURCES:
-        raise UsageError(f'--attention {spec}: unknown source {name!r}; known: {", ".join(sorted(ATTENTION_SOURCES))}')
-    takes_heads = 'heads' in inspect.signature(ATTENTION_SOURCES[name].__init__).parameters
-    if not sep:
-        if takes_heads:
-            raise UsageError(f'--attention {spec}: {name} needs its heads, e.g. {name}:max, {name}:avg or {name}:0')
-        return name, {}, name
-    if not takes_heads:
-        raise UsageError(f'--attention {spec}: source {name!r} has no heads; write just {name}')
-    value = int(heads) if heads.isdigit() else heads
-    tag = f'{name}_head{value}' if isinstance(value, int) else f'{name}_{value}'
-    return name, {'heads': value}, tag
-
-
-def face_jobs(input_dir: str, root: str, scenarios: Sequence[str] = tuple(FACE_SCENARIOS), val: bool = False,
-              name: Optional[str] = None, limit: Optional[int] = None, compress_level: int = 1,
-              attention: Sequence[str] = (), attention_opts: Optional[Dict[str, dict]] = None) -> Plan:
-    """The jobs of ``prepare_data.py faces``."""
-    unknown = [s for s in scenarios if s not in FACE_SCENARIOS]
-    if unknown or not scenarios:
-        raise UsageError(f'--scenarios: unknown {unknown}; choose from {", ".join(FACE_SCENARIOS)}')
-    folder = os.path.join(root, name or ('CelebA-HQ' if val else 'FFHQ'))
-    _refuse_output_inside_input([folder], [input_dir])
-    inputs = list_images(input_dir)[:limit] if limit else list_images(input_dir)
-    lr_sizes = sorted({FACE_SCENARIOS[s][0] for s in scenarios})
-    hr_sizes = sorted({FACE_SCENARIOS[s][1] for s in scenarios})
-    sizes = [('lr', s) for s in lr_sizes] + [('hr', s) for s in hr_sizes]
-    recipe = {'format': FORMAT, 'scenario': 'faces', 'resize': 'sr3: Pillow bicubic, short side, centre crop'}
-    targets = [ImageTarget(os.path.join(folder, f'{role}_{s}.lmdb'), {**recipe, 'size': s}) for role, s in sizes]
-    job = ImageJob(f'{os.path.basename(folder)} faces', 'faces', inputs, targets,
-                   {'sizes': [s for _, s in sizes], 'compress_level': compress_level})
-    att = []
-    for spec in attention:
-        source, opts, tag = parse_attention_spec(spec)
-        opts = {**(attention_opts or {}).get(source, {}), **opts}
-        for s in lr_sizes:
-            att.append(AttentionJob(f'{os.path.basename(folder)} {tag} on lr_{s}', source, opts,
-                                    os.path.join(folder, f'lr_{s}.lmdb'),
-                                    os.path.join(folder, f'attention_{tag}_{s}.lmdb')))
-    return Plan([job], att, [folder])
-
-
-def df2k_jobs(train_dirs: Sequence[str], val_dirs: Sequence[str], root: str, limit: Optional[int] = None,
-              compress_level: int = 1, attention: Sequence[str] = (),
-              attention_opts: Optional[Dict[str, dict]] = None) -> Plan:
-    """The jobs of ``prepare_data.py df2k``: DF2K training sub-images and/or DIV2K validation images."""
-    if not train_dirs and not val_dirs:
-        raise UsageError('df2k needs --train-hr (DIV2K_train_HR, Flickr2K_HR) and/or --val-hr (DIV2K_valid_HR)')
-    jobs, roots, att = [], [], []
-    specs = [parse_attention_spec(spec) for spec in attention]
-    recipe = {'format': FORMAT, 'scale': DF2K_SCALE,
-              'resize': 'matlab bicubic on uint8 (rounded per pass) of the mod-4 HR'}
-    for split, dirs in (('train', train_dirs), ('val', val_dirs)):
-        if not dirs:
-            continue
-        folder = os.path.join(root, 'DF2K' if split == 'train' else 'DIV2K')
-        _refuse_output_inside_input([folder], dirs)
-        inputs: Dict[str, InputImage] = {}
-        for d in dirs:
-            for item in list_images(d, recursive=False):
-                if item.key in inputs:
-                    raise UsageError(f'{inputs[item.key].path} and {item.path} have the same key {item.key!r}')
-                inputs[item.key] = item
-        items = [inputs[k] for k in sorted(inputs)]
-        items = items[:limit] if limit else items
-        if split == 'train':
-            sub = {'sub_size': SUB_SIZE, 'sub_step': SUB_STEP, 'sub_thresh': SUB_THRESH}
-            targets = [ImageTarget(os.path.join(folder, 'DF2K_HR_sub320.lmdb'), {**recipe, **sub, 'role': 'hr'}),
-                       ImageTarget(os.path.join(folder, 'DF2K_LR_bicubic_X4_sub80.lmdb'),
-                                   {**recipe, **sub, 'role': 'lr'})]
-            jobs.append(ImageJob('DF2K train sub-images', 'df2k_train', items, targets,
-                                 {'compress_level': compress_level}))
-            lr_tag = 'sub80'
-        else:
-            targets = [ImageTarget(os.path.join(folder, 'DIV2K_valid_HR.lmdb'),
-                                   {**recipe, 'role': 'hr', 'whole': True}),
-                       ImageTarget(os.path.join(folder, 'DIV2K_valid_LR_bicubic_X4.lmdb'),
-                                   {**recipe, 'role': 'lr', 'whole': True})]
-            jobs.append(ImageJob('DIV2K validation', 'div2k_val', items, targets, {'compress_level': compress_level}))
-            lr_tag = 'valid_X4'
-        roots.append(folder)
-        for source, opts, tag in specs:
-            opts = {**(attention_opts or {}).get(source, {}), **opts}
-            att.append(AttentionJob(f'{os.path.basename(folder)} {tag} on {lr_tag}', source, opts, targets[1].path,
-                                    os.path.join(folder, f'attention_{tag}_{lr_tag}.lmdb')))
-    return Plan(jobs, att, roots)
 
 
 # --------------------------------------------------------------------------- planning and the workers
@@ -515,23 +389,62 @@ class _LockedFolder:
         self.lock.release()
 
 
-def _check_recipe(target: ImageTarget) -> None:
-    """Refuse an LMDB that we did not make or made with another recipe; write the recipe into a new folder."""
+NEW_OUTPUT, FORCE = 'write to another --output', 'rerun with --force'
+
+
+def target_problem(target: ImageTarget, kind: str = '', input_keys=None) -> Optional[Tuple[bool, str]]:
+    """Why ``target`` cannot be written by a job of ``kind`` over the inputs ``input_keys`` (None: not checked),
+    read-only (nothing is created): None when it can; else ``(archivable, message)``. Archivable: made by us with
+    other settings (another recipe, or keys of other inputs), so ``force`` may archive it; not: an LMDB that
+    prepare_data did not make."""
     recipe_file = os.path.join(target.path, RECIPE_FILE)
-    has_db = os.path.isfile(os.path.join(target.path, 'data.mdb'))
+    if not os.path.exists(target.path):
+        return None
+    if not os.path.isdir(target.path):
+        return False, f'{target.path} exists and is not a folder; move it away or choose another --output'
     found = read_json(recipe_file)
     if found is None and os.path.exists(recipe_file):
-        raise UsageError(f'{recipe_file} is unreadable; delete {target.path} to rebuild it')
+        return True, (f'{recipe_file} is unreadable; nothing was changed: {NEW_OUTPUT}, or {FORCE} to archive '
+                      f'{target.path} and make it afresh')
     if found is None:
-        if has_db:
-            raise UsageError(f'{target.path} already holds an LMDB that prepare_data did not make (no {RECIPE_FILE}); '
-                             'refusing to write into it: move it away or choose another --output')
-        write_json(recipe_file, target.recipe)
-    elif found != target.recipe:
-        diffs = [f'{k}: wanted {target.recipe.get(k)!r}, found {found.get(k)!r}'
-                 for k in sorted(set(found) | set(target.recipe)) if found.get(k) != target.recipe.get(k)]
-        raise UsageError(f'{target.path} was made with another recipe ({"; ".join(diffs)}); '
-                         'delete it or choose another --output')
+        if os.path.isfile(os.path.join(target.path, 'data.mdb')):
+            return False, (f'{target.path} already holds an LMDB that prepare_data did not make (no {RECIPE_FILE}); '
+                           'refusing to write into it: move it away or choose another --output')
+        return None
+    diffs = differences(flatten(found), flatten(target.recipe))
+    if diffs:
+        return True, str(SettingsMismatch('images', target.path, diffs, NEW_OUTPUT, FORCE))
+    foreign = [] if input_keys is None else \
+        sorted(k for k in lmdb_keys(target.path) if owner_key(kind, k) not in input_keys)
+    if foreign:
+        return True, (f'{target.path} holds {len(foreign)} key(s) of images that are not among this job\'s inputs, '
+                      f'e.g. {foreign[:3]} (other input folder or a smaller --limit?); nothing was changed: '
+                      f'{NEW_OUTPUT}, or {FORCE} to archive it and make it afresh')
+    return None
+
+
+def _archive_target(target: ImageTarget, log) -> str:
+    """Archive ``target``'s folder (under its lock: no other run is writing it); the archive's path."""
+    lock = _LockedFolder(target.path)
+    try:
+        moved = archive(target.path)
+    finally:
+        lock.release()
+    try:
+        os.remove(os.path.join(moved, LOCK_FILE))
+    except FileNotFoundError:
+        pass
+    log(f'[prepare] --force: {target.path} was made with other settings; archived to {moved}')
+    return moved
+
+
+def _check_recipe(target: ImageTarget) -> None:
+    """Under the folder's lock: refuse what :func:`target_problem` refuses; write the recipe into a new folder."""
+    problem = target_problem(target)
+    if problem is not None:
+        raise UsageError(problem[1])
+    if read_json(os.path.join(target.path, RECIPE_FILE)) is None:
+        write_json(os.path.join(target.path, RECIPE_FILE), target.recipe)
 
 
 # --------------------------------------------------------------------------- running an image job
@@ -542,26 +455,43 @@ def _progress(total: int, desc: str, unit: str, enabled: bool):
 
 
 def run_image_job(job: ImageJob, workers: int = 2, commit_every: int = 16, show_progress: bool = True,
-                  log=print) -> Tuple[str, List[Tuple[str, str]]]:
-    """Make (or finish) the LMDBs of ``job``; returns (what happened, [(path, reason) of failed inputs])."""
+                  log=print, force: bool = False, archived: Optional[list] = None) -> Tuple[str, List[Tuple[str, str]]]:
+    """Make (or finish) the LMDBs of ``job``; returns (what happened, [(path, reason) of failed inputs]).
+
+    Every target is checked before anything is written (:func:`target_problem`): a refusal is a UsageError and
+    leaves every folder as it was; with ``force`` a target made with other settings is archived instead (its
+    path appended to ``archived``).
+    """
     fp = fingerprint(job.kind, job.inputs, job.targets[0].recipe)
     markers = [read_json(os.path.join(t.path, COMPLETE_FILE)) for t in job.targets]
     if all(m is not None and m.get('fingerprint') == fp for m in markers):
         return f'complete already ({markers[0]["inputs"]} inputs), nothing to do', []
 
+    input_keys = {item.key for item in job.inputs}
+    stale = []
+    for t in job.targets:
+        problem = target_problem(t, job.kind, input_keys)
+        if problem is not None:
+            archivable, message = problem
+            if not (force and archivable):
+                raise UsageError(message)
+            stale.append(t)
+    for t in stale:
+        _archive_target(t, log)
+        if archived is not None:
+            archived.append(t.path)
     locks = []
     try:
         for t in job.targets:
             locks.append(_LockedFolder(t.path))
             _check_recipe(t)
         existing = [set(lmdb_keys(t.path)) for t in job.targets]
-        input_keys = {item.key for item in job.inputs}
-        for t, keys in zip(job.targets, existing):
+        for t, keys in zip(job.targets, existing):  # another run may have written between the check and the lock
             foreign = sorted(k for k in keys if owner_key(job.kind, k) not in input_keys)
             if foreign:
                 raise UsageError(f'{t.path} holds {len(foreign)} key(s) of images that are not among this job\'s '
-                                 f'inputs, e.g. {foreign[:3]} (other input folder or a smaller --limit?); '
-                                 'delete it or choose another --output')
+                                 f'inputs, e.g. {foreign[:3]}; nothing was changed: {NEW_OUTPUT}, or {FORCE} to '
+                                 'archive it and make it afresh')
         for t in job.targets:  # from here on the LMDBs are incomplete until the marker is rewritten
             marker = os.path.join(t.path, COMPLETE_FILE)
             if os.path.exists(marker):
@@ -679,63 +609,6 @@ def _open_env(path: str):
         raise
 
 
-# --------------------------------------------------------------------------- attention
-
-def preflight_attention(jobs: Sequence[AttentionJob]) -> None:
-    """Fail before any image work when a source cannot be built: DINO weights must exist locally.
-
-    DINO sources are only located (weights path), not built: building them runs torch code, which must not
-    happen before the image workers fork. Deterministic sources are built (cheap) to check their options.
-    """
-    from yoda_plugin.attention import build_attention_source
-    from yoda_plugin.attention.dino import WEIGHTS_ENV_VARS, resolve_weights
-    for job in {(j.source, json.dumps(j.source_opts, sort_keys=True)): j for j in jobs}.values():
-        try:
-            if job.source in WEIGHTS_ENV_VARS:
-                resolve_weights(job.source, job.source_opts.get('weights'))
-            else:
-                build_attention_source(job.source, **job.source_opts)
-        except (FileNotFoundError, ValueError) as err:
-            raise UsageError(f'attention source {job.source}: {err}') from None
-
-
-def _opt_text(value) -> str:
-    return 'none' if value is None else value if isinstance(value, str) else json.dumps(value)
-
-
-def run_attention_job(job: AttentionJob, device: Optional[str] = None, batch_size: int = 8,
-                      show_progress: bool = True) -> Tuple[str, int]:
-    """Run the precompute library on ``job`` unless its marker says it is complete for the current LR LMDB.
-
-    Returns (what happened, status 0 / 1 / 2 as precompute's)."""
-    from yoda_plugin.attention import precompute
-    lr_marker = read_json(os.path.join(job.lr_path, COMPLETE_FILE))
-    wanted = {'lr_fingerprint': lr_marker['fingerprint'] if lr_marker else None, 'source': job.source,
-              'source_opts': job.source_opts}
-    found = read_json(os.path.join(job.path, COMPLETE_FILE))
-    if lr_marker is not None and found is not None and \
-            {k: found.get(k) for k in wanted} == json.loads(json.dumps(wanted)):
-        return f'complete already ({found.get("keys")} maps), nothing to do', 0
-    if not os.path.isfile(os.path.join(job.lr_path, 'data.mdb')):
-        return f'skipped: {job.lr_path} holds no images', 1
-    args = Namespace(input=job.lr_path, output=job.path, source=job.source,
-                     source_opt=[f'{k}={_opt_text(v)}' for k, v in job.source_opts.items()], device=device,
-                     size=None, scale=None, batch_size=batch_size, compress_level=1, map_size=64 * 1024 ** 2,
-                     commit_every=64, previews=None, preview_count=0, dist_timeout=60.0,
-                     no_progress=not show_progress)
-    try:
-        precompute.check_args(args)
-        status = precompute.run(args)
-    except precompute.SETUP_ERRORS as err:
-        return f'error: {err}', 2
-    if status == 0 and lr_marker is not None:
-        keys = len(lmdb_keys(job.path))
-        write_json(os.path.join(job.path, COMPLETE_FILE), {**wanted, 'keys': keys,
-                                                         'finished_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ',
-                                                                                       time.gmtime())})
-    return ('maps written' if status == 0 else 'some maps failed'), status
-
-
 # --------------------------------------------------------------------------- running a plan, summary
 
 def folder_bytes(path: str) -> int:
@@ -774,45 +647,6 @@ def describe_lmdb(path: str) -> str:
     return f'{len(rows)} keys, {size}, {human_bytes(folder_bytes(path))}, {state}'
 
 
-def run_plan(plan: Plan, workers: int = 2, commit_every: int = 16, device: Optional[str] = None,
-             attention_batch: int = 8, show_progress: bool = True, log=print) -> int:
-    """Every image job, then every attention job, then the summary. Exit status: 0; 1 when an image or a map
-    failed (the rest is written); 2 for a setup error."""
-    start = time.perf_counter()
-    preflight_attention(plan.attention_jobs)
-    report = Report()
-    for job in plan.image_jobs:
-        t0 = time.perf_counter()
-        log(f'[prepare] {job.name}: {len(job.inputs)} input image(s) -> {", ".join(t.path for t in job.targets)}')
-        what, failed = run_image_job(job, workers, commit_every, show_progress)
-        report.failed += failed
-        report.stages.append((job.name, what, time.perf_counter() - t0))
-        log(f'[prepare] {job.name}: {what} ({time.perf_counter() - t0:.1f} s)')
-    for job in plan.attention_jobs:
-        t0 = time.perf_counter()
-        log(f'[prepare] attention {job.name}: {job.lr_path} -> {job.path}')
-        what, status = run_attention_job(job, device, attention_batch, show_progress)
-        report.attention_status = max(report.attention_status, status)
-        report.stages.append((f'attention {job.name}', what, time.perf_counter() - t0))
-        log(f'[prepare] attention {job.name}: {what} ({time.perf_counter() - t0:.1f} s)')
-
-    log('')
-    log('[prepare] summary')
-    paths = [t.path for j in plan.image_jobs for t in j.targets] + [j.path for j in plan.attention_jobs]
-    width = max(len(p) for p in paths) if paths else 0
-    for path in paths:
-        log(f'  {path:<{width}}  {describe_lmdb(path)}')
-    total = sum(folder_bytes(r) for r in plan.roots if os.path.isdir(r))
-    log(f'  disk used under {", ".join(plan.roots)}: {human_bytes(total)}; {time.perf_counter() - start:.1f} s')
-    if report.failed:
-        log(f'[prepare] {len(report.failed)} input image(s) skipped:')
-        for path, reason in report.failed:
-            log(f'  {path}: {reason}')
-    if report.attention_status:
-        log('[prepare] some attention maps failed or could not be made (see above)')
-    return max(1 if report.failed else 0, report.attention_status)
-
-
 # --------------------------------------------------------------------------- checking a layout
 
 def _resolve(root: str, path: str) -> str:
@@ -823,8 +657,12 @@ def _lmdb_rows(path: str, what: str, problems: List[str]) -> Optional[Dict[str, 
     if not os.path.isdir(path):
         problems.append(f'{what}: {path} does not exist')
         return None
+    ours = any(os.path.isfile(os.path.join(path, f)) for f in (RECIPE_FILE, META_FILE))
     if not os.path.isfile(os.path.join(path, 'data.mdb')) or not os.path.isfile(os.path.join(path, META_INFO_FILE)):
-        problems.append(f'{what}: {path} is not a BasicSR LMDB (needs data.mdb and {META_INFO_FILE})')
+        if ours:  # made by prepare_data or precompute, which write meta_info.txt last: a run was interrupted
+            problems.append(f'{what}: {path} is incomplete (an interrupted run): rerun the same command')
+        else:
+            problems.append(f'{what}: {path} is not a BasicSR LMDB (needs data.mdb and {META_INFO_FILE})')
         return None
     rows = {key: shape for key, shape, _ in read_meta_info(path)}
     stored = set(lmdb_keys(path))
@@ -833,7 +671,7 @@ def _lmdb_rows(path: str, what: str, problems: List[str]) -> Optional[Dict[str, 
         problems.append(f'{what}: {path}: {len(missing)} key(s) listed in {META_INFO_FILE} are not in data.mdb, '
                         f'e.g. {missing[:3]}')
     if os.path.isfile(os.path.join(path, RECIPE_FILE)) and not os.path.isfile(os.path.join(path, COMPLETE_FILE)):
-        problems.append(f'{what}: {path} is incomplete (no {COMPLETE_FILE}); rerun the prepare_data command')
+        problems.append(f'{what}: {path} is incomplete (no {COMPLETE_FILE}): rerun the same command')
     if not rows:
         problems.append(f'{what}: {path} lists no keys')
     return rows
@@ -847,12 +685,19 @@ def _some(keys, n=3) -> str:
 def check_layout(option_file: str, root: str = '.', log=print) -> List[str]:
     """Problems of the data an option file reads (paths relative to ``root``): LMDBs present and complete, LR/HR
     keys paired, HR = scale x LR for every key, LR not smaller than a training crop, an attention map for every
-    key on the LR or HR grid, attention metadata matching ``attention_meta``. Prints one line per dataset."""
+    key on the LR or HR grid, attention metadata matching ``attention_meta``. Prints one line per dataset.
+    An option file that cannot be read, or has no mapping of datasets, is a UsageError naming it."""
     from yoda_plugin.utils.options import load_options
-    opt = load_options(option_file)
+    try:
+        opt = load_options(option_file)
+    except ValueError as err:
+        raise UsageError(' '.join(str(err).split())) from None
     scale = opt.get('scale')
     problems: List[str] = []
-    for phase, ds in (opt.get('datasets') or {}).items():
+    datasets = opt.get('datasets') or {}
+    if not isinstance(datasets, dict) or not all(isinstance(ds, dict) for ds in datasets.values()):
+        raise UsageError(f'option file {option_file}: datasets must be a mapping of dataset sections')
+    for phase, ds in datasets.items():
         before = len(problems)
         where = f'{option_file}: datasets.{phase}'
         if 'dataroot_gt' not in ds:
@@ -896,58 +741,3 @@ def check_layout(option_file: str, root: str = '.', log=print) -> List[str]:
     return problems
 
 
-# --------------------------------------------------------------------------- command line
-
-def _attention_opts(pairs: Iterable[str]) -> Dict[str, dict]:
-    """``['dino_resnet50.weights=/w.pth', ...]`` -> {source: {key: value}} (values as precompute parses them)."""
-    from yoda_plugin.attention.precompute import parse_source_opts
-    by_source: Dict[str, List[str]] = {}
-    for pair in pairs or []:
-        head, sep, _ = pair.partition('=')
-        source, dot, key = head.partition('.')
-        if not sep or not dot or not source or not key:
-            raise UsageError(f'--attention-opt expects SOURCE.KEY=VALUE (e.g. dino_resnet50.weights=/path.pth), '
-                             f'got {pair!r}')
-        by_source.setdefault(source, []).append(pair[len(source) + 1:])
-    try:
-        return {source: parse_source_opts(items) for source, items in by_source.items()}
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-
-
-def run_from_args(args) -> int:
-    """Run a command line parsed by ``scripts/prepare_data.py``; the exit status (0, 1, 2)."""
-    try:
-        if args.check:
-            problems = []
-            for option_file in args.check:
-                problems += check_layout(option_file, args.root)
-            for p in problems:
-                print(f'problem: {p}')
-            print(f'[check] {len(args.check)} option file(s): ' +
-                  ('layout OK' if not problems else f'{len(problems)} problem(s)'))
-            return 1 if problems else 0
-        if args.command is None:
-            raise UsageError('give a command (faces or df2k) or --check OPTION_FILE')
-        if args.workers < 1 or args.commit_every < 1 or (args.limit is not None and args.limit < 1):
-            raise UsageError('--workers, --commit-every and --limit must be >= 1')
-        if not 0 <= args.compress_level <= 9:
-            raise UsageError('--compress-level must be in 0..9')
-        opts = _attention_opts(args.attention_opt)
-        if args.command == 'faces':
-            plan = face_jobs(args.input, args.output, args.scenarios, args.val, args.name, args.limit,
-                             args.compress_level, args.attention, opts)
-        else:
-            plan = df2k_jobs(args.train_hr or [], args.val_hr or [], args.output, args.limit, args.compress_level,
-                             args.attention, opts)
-        return run_plan(plan, args.workers, args.commit_every, args.device, args.attention_batch,
-                        not args.no_progress)
-    except (UsageError, FileNotFoundError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    except (DiskFullError, lmdb.Error, OSError) as err:
-        full = disk_full_error(err, getattr(err, 'path', None) or getattr(args, 'output', None) or '.')
-        if full is None:
-            raise
-        print(f'error: {full}', file=sys.stderr)  # one line, no traceback; what was committed stays (rerun)
-        return DISK_FULL_EXIT_CODE

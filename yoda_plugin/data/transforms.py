@@ -32,11 +32,13 @@ def bicubic_resize(img: np.ndarray, size_hw: Sequence[int], mode: str = 'pil') -
 
 
 def resize_attention(amap: np.ndarray, size_hw: Sequence[int]) -> np.ndarray:
-    """Bilinear resize of a float (H, W) map onto another grid, clipped to [0, 1]."""
+    """Bilinear resize (``cv2.INTER_LINEAR``) of an (H, W) map onto another grid, float32 clipped to [0, 1];
+    the map itself when already that size. The one map resize: datasets, inference and precompute."""
     h, w = int(size_hw[0]), int(size_hw[1])
-    if amap.shape[:2] == (h, w):
+    if tuple(amap.shape[:2]) == (h, w):
         return amap
-    return np.clip(cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    out = cv2.resize(np.asarray(amap).astype(np.float32, copy=False), (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0.0, 1.0)
 
 
 def augment_same(arrays: List[np.ndarray], hflip: bool, rotation: bool, rng=random) -> List[np.ndarray]:

@@ -15,7 +15,7 @@ from basicsr.utils import imfrombytes, img2tensor
 from basicsr.utils.registry import DATASET_REGISTRY
 from torch.utils import data
 
-from .attention_lmdb import check_attention_meta, decode_attention
+from .attention_lmdb import check_attention_meta, decode_attention, read_meta_info_keys
 from .lmdb_reader import lmdb_get
 from .transforms import RESIZE_MODES, augment_same, bicubic_resize, resize_attention
 
@@ -39,8 +39,7 @@ def _lmdb_keys(folder: str, what: str) -> list:
     if not os.path.isfile(meta):
         raise FileNotFoundError(f'{what}: {folder} has no meta_info.txt; a BasicSR-layout LMDB lists its keys '
                                 'there (one "<key>.png (h,w,c) compress" line per image)')
-    with open(meta, encoding='utf-8') as f:
-        keys = [line.split(' ')[0].rsplit('.', 1)[0] for line in f if line.strip()]
+    keys = read_meta_info_keys(meta)
     if not keys:
         raise ValueError(f'{what}: {meta} lists no keys')
     return keys
@@ -63,8 +62,7 @@ def _meta_info_keys(path: str, what: str) -> list:
     """Keys listed in a BasicSR ``meta_info_file``: the first field of each line, without its extension."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{what}: meta_info_file {path} does not exist')
-    with open(path, encoding='utf-8') as f:
-        keys = [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in f if line.strip()]
+    keys = [os.path.basename(key) for key in read_meta_info_keys(path)]  # BasicSR's lists may hold folders
     if not keys:
         raise ValueError(f'{what}: meta_info_file {path} lists no keys')
     repeated = sorted({k for k in keys if keys.count(k) > 1})

@@ -11,13 +11,20 @@ the iteration, one panel per batch size, the mean over seeds with its
 min-max band.
 
 Runs are resumable: a finished run (its history has the last iteration) is not
-trained again; an interrupted one continues with ``--auto_resume``.
+trained again; an interrupted one continues with ``--auto_resume``; a larger
+``iters`` extends finished runs. ``<results>/plan.json`` records the settings
+that change a run's result (the option tree of a run, less name, seed, batch and
+budget) and every run made under them: a rerun with other settings is refused
+with the differing keys (``force`` archives the old runs first), and a rerun with
+other seeds or methods adds rows instead of replacing them.
 """
 import copy
 import csv
+import json
 import os
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -42,6 +49,9 @@ class StabilityPlan:
     sampler: Optional[dict] = None   # val.sampler for the evaluations, e.g. {'type': 'ddpm', 'steps': 10}
     overrides: Dict[str, object] = field(default_factory=dict)  # dotted key -> value, applied to every run
     nproc: int = 1                   # >1: torchrun --nproc_per_node=nproc --launcher pytorch
+    jobs: int = 1                    # runs trained at the same time (each with `threads` CPU threads)
+    threads: Optional[int] = None    # OMP/MKL threads per run (None: the environment's)
+    force: bool = False              # archive runs made with other settings instead of refusing
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -53,6 +63,11 @@ class StabilityPlan:
             raise ValueError(f'batch sizes must be >= 1, got {list(self.batch_sizes)}')
         if self.iters < 1 or self.eval_every < 1 or self.eval_every > self.iters:
             raise ValueError(f'need 1 <= eval_every ({self.eval_every}) <= iters ({self.iters})')
+        if self.iters % self.eval_every:
+            raise ValueError(f'iters ({self.iters}) must be a multiple of eval_every ({self.eval_every}): the last '
+                             'iteration is an evaluation')
+        if self.jobs < 1:
+            raise ValueError(f'jobs must be >= 1, got {self.jobs}')
 
     @property
     def results_dir(self) -> str:
@@ -86,7 +101,13 @@ def parse_override(text: str):
     if '=' not in text:
         raise ValueError(f'override {text!r}: expected KEY=VALUE, e.g. network_g.base_channels=16')
     key, value = text.split('=', 1)
-    return key.strip(), yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; a user means the number
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key.strip(), parsed
 
 
 def run_options(base: dict, plan: StabilityPlan, method: str, batch: int, seed: int) -> dict:
@@ -163,27 +184,182 @@ def train_command(plan: StabilityPlan, option_file: str, resume: bool) -> List[s
     return cmd + (['--auto_resume'] if resume else [])
 
 
-def run_plan(plan: StabilityPlan, log=print) -> List[dict]:
-    """Train every run not finished yet; return the long table (one row per run and evaluation)."""
+class PlanMismatch(ValueError):
+    """A rerun whose settings differ from those the runs under this root were made with."""
+
+
+# Not part of a run's settings: they vary across the runs of one plan (or only extend them).
+_PER_RUN_KEYS = ('name', 'manual_seed', 'datasets.train.batch_size_per_gpu', 'train.total_iter')
+
+
+def flatten(opt, prefix='') -> Dict[str, object]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` (lists kept whole)."""
+    out = {}
+    for key, value in opt.items():
+        dotted = f'{prefix}{key}'
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, dotted + '.'))
+        else:
+            out[dotted] = _plain(value)
+    return out
+
+
+def plan_settings(base: dict, plan: StabilityPlan) -> Dict[str, object]:
+    """What changes a run's result, as dotted keys: a YODA run's options less name, seed, batch and budget."""
+    settings = flatten(run_options(base, plan, 'yoda', 1, 0))
+    for key in _PER_RUN_KEYS:
+        settings.pop(key, None)
+    settings['eval.sampler'] = _plain(plan.sampler)
+    settings['nproc'] = plan.nproc
+    return json.loads(json.dumps(settings, default=str))  # as plan.json will read back
+
+
+def settings_diff(old: dict, new: dict) -> List[str]:
+    return [f'{k}: {old.get(k, "(unset)")!r} -> {new.get(k, "(unset)")!r}'
+            for k in sorted(set(old) | set(new)) if old.get(k, '(unset)') != new.get(k, '(unset)')]
+
+
+def plan_file(plan: StabilityPlan) -> str:
+    return os.path.join(plan.results_dir, 'plan.json')
+
+
+def _write_json(path: str, data: dict):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def archive(plan: StabilityPlan, names: Sequence[str], log=print):
+    """Rename the plan's results folder and the named experiments to ``*_archived_<time>`` (nothing deleted)."""
+    stamp = time.strftime('%Y%m%d_%H%M%S')
+    for folder in [plan.results_dir] + [os.path.join(plan.root, 'experiments', n) for n in names]:
+        if os.path.exists(folder):
+            os.replace(folder, f'{folder}_archived_{stamp}')
+            log(f'[{plan.prefix}] archived {folder} -> {folder}_archived_{stamp}')
+
+
+def check_plan(plan: StabilityPlan, base: dict, log=print) -> dict:
+    """Read or start ``plan.json``; refuse (or, with ``force``, archive) runs made with other settings."""
+    settings = plan_settings(base, plan)
+    path = plan_file(plan)
+    record = {'settings': settings, 'runs': []}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding='utf-8') as f:
+                record = json.load(f)
+            old = record['settings']
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise PlanMismatch(f'{path}: unreadable ({err}); move it away or pass another --root') from err
+        diff = settings_diff(old, settings)
+        if diff:
+            if not plan.force:
+                raise PlanMismatch(f'{path}: the runs under {plan.root} were made with other settings ('
+                                   + '; '.join(diff[:6]) + (f'; {len(diff) - 6} more' if len(diff) > 6 else '')
+                                   + '): pass another --root, or --force to archive them and start anew')
+            archive(plan, record.get('runs', []), log)
+            record = {'settings': settings, 'runs': []}
+    else:
+        # Experiments of this plan's names that no plan.json vouches for: made by something else.
+        foreign = [n for n in (plan.run_name(*r) for r in plan.runs())
+                   if os.path.isdir(os.path.join(plan.root, 'experiments', n))]
+        if foreign and not plan.force:
+            raise PlanMismatch(f'{os.path.join(plan.root, "experiments", foreign[0])} exists but {path} does not '
+                               'record it, so its settings are unknown: pass another --root, or --force to archive it')
+        if foreign:
+            archive(plan, foreign, log)
+    _write_json(path, record)
+    return record
+
+
+def _progress(plan: StabilityPlan, opt: dict) -> str:
+    history = read_history(history_path(plan, opt))
+    if not history:
+        return 'no evaluation yet'
+    it = max(history)
+    values = history[it]
+    shown = ', '.join(f'{k} {values[k]:.3f}' for k in ('psnr', 'lr_psnr') if k in values)
+    return f'iteration {it}/{plan.iters}: {shown}'
+
+
+def run_plan(plan: StabilityPlan, log=print, poll_seconds: float = 30.0) -> List[dict]:
+    """Train every run not finished yet (``plan.jobs`` at a time); return the long table of all recorded runs."""
     from yoda_plugin.utils.options import load_options
     base = load_options(plan.options)
+    record = check_plan(plan, base, log)
     todo = list(plan.runs())
-    rows = []
+    pending, done = [], set(record['runs'])
     for i, (method, batch, seed) in enumerate(todo, 1):
         opt = run_options(base, plan, method, batch, seed)
-        history = history_path(plan, opt)
-        option_file = os.path.join(plan.results_dir, 'options', f'{opt["name"]}.yml')
-        if plan.iters in read_history(history):
-            log(f'[stability] {i}/{len(todo)} {opt["name"]}: finished earlier, kept')
+        history = read_history(history_path(plan, opt))
+        if plan.iters in history:
+            log(f'[{plan.prefix}] {i}/{len(todo)} {opt["name"]}: finished earlier, kept')
+        elif history and max(history) > plan.iters:
+            raise PlanMismatch(f'{opt["name"]} went past iteration {plan.iters} (evaluated at {max(history)}) '
+                               f'without an evaluation at {plan.iters}: give --iters {max(history)} or more')
         else:
-            write_yaml(option_file, opt)
-            started = os.path.isdir(os.path.join(plan.root, 'experiments', opt['name'], 'training_states'))
-            log(f'[stability] {i}/{len(todo)} {opt["name"]}: ' + ('resuming' if started else 'training'))
-            subprocess.run(train_command(plan, option_file, resume=started), cwd=plan.root, check=True)
-        for it, values in sorted(read_history(history).items()):
+            pending.append((i, opt))
+        done.add(opt['name'])
+    record['runs'] = sorted(done)
+    _write_json(plan_file(plan), record)
+    env = dict(os.environ)
+    if plan.threads:
+        env['OMP_NUM_THREADS'] = env['MKL_NUM_THREADS'] = str(plan.threads)
+    logs = os.path.join(plan.results_dir, 'logs')
+    os.makedirs(logs, exist_ok=True)
+    running = []  # (opt, process, log file)
+
+    def start(i, opt):
+        option_file = os.path.join(plan.results_dir, 'options', f'{opt["name"]}.yml')
+        write_yaml(option_file, opt)
+        started = os.path.isdir(os.path.join(plan.root, 'experiments', opt['name'], 'training_states'))
+        log_path = os.path.join(logs, f'{opt["name"]}.log')
+        log(f'[{plan.prefix}] {i}/{len(todo)} {opt["name"]}: ' + ('resuming' if started else 'training')
+            + f' (log: {log_path})')
+        out = open(log_path, 'a', encoding='utf-8')
+        proc = subprocess.Popen(train_command(plan, option_file, resume=started), cwd=plan.root, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+        running.append((opt, proc, out, log_path))
+
+    last_report = time.time()
+    try:
+        while pending or running:
+            while pending and len(running) < plan.jobs:
+                start(*pending.pop(0))
+            time.sleep(min(1.0, poll_seconds))
+            for item in list(running):
+                opt, proc, out, log_path = item
+                if proc.poll() is not None:
+                    out.close()
+                    running.remove(item)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f'{opt["name"]}: training exited with code {proc.returncode}; the last '
+                                           f'lines of {log_path} say why (rerun the same command to resume)')
+                    log(f'[{plan.prefix}] {opt["name"]}: finished ({_progress(plan, opt)})')
+            if running and time.time() - last_report >= poll_seconds:
+                last_report = time.time()
+                for opt, *_ in running:
+                    log(f'[{plan.prefix}] {opt["name"]}: {_progress(plan, opt)}')
+    finally:
+        for opt, proc, out, _ in running:  # interrupted: stop the children; a rerun resumes them
+            proc.terminate()
+            proc.wait()
+            out.close()
+    rows = []
+    for name in record['runs']:
+        method, batch, seed = parse_run_name(plan, name)
+        opt = {'name': name, 'datasets': base['datasets']}
+        for it, values in sorted(read_history(history_path(plan, opt)).items()):
             if it <= plan.iters:
                 rows.append({'method': method, 'batch': batch, 'seed': seed, 'iter': it, **values})
     return rows
+
+
+def parse_run_name(plan: StabilityPlan, name: str):
+    """``<prefix>_<method>_b<batch>_s<seed>`` -> (method, batch, seed)."""
+    method, batch, seed = name[len(plan.prefix) + 1:].rsplit('_', 2)
+    return method, int(batch[1:]), int(seed[1:])
 
 
 def summarize(rows: List[dict], metrics: Sequence[str]) -> Dict[tuple, dict]:
@@ -285,11 +461,12 @@ def run_experiment(plan: StabilityPlan, log=print) -> dict:
     table = write_table(rows, os.path.join(plan.results_dir, 'stability.csv'))
     summary = final_table(rows, plan.iters)
     summary_path = os.path.join(plan.results_dir, 'summary.md')
+    seeds = sorted({r['seed'] for r in rows})
     with open(summary_path, 'w', encoding='utf-8') as f:
-        f.write(f'Stability at iteration {plan.iters} (mean ± std over seeds {list(plan.seeds)}), '
+        f.write(f'Stability at iteration {plan.iters} (mean ± std over seeds {seeds}), '
                 f'from {plan.options}\n\n{summary}\n')
     plots = plot(rows, plan.results_dir)
-    log(f'\n[stability] at iteration {plan.iters}, mean ± std over seeds {list(plan.seeds)}:\n{summary}')
+    log(f'\n[stability] at iteration {plan.iters}, mean ± std over seeds {seeds}:\n{summary}')
     log(f'[stability] long table: {table}\n[stability] summary: {summary_path}')
     for path in plots:
         log(f'[stability] plot: {path}')

@@ -9,12 +9,11 @@ policy, EMA), sampling through one :class:`~yoda_plugin.core.pipeline.DiffusionS
 (``self.pipeline``: padding, tiles, sparse crops, YODA blend, sampler),
 validation (:mod:`.validation`) and checkpoints (:mod:`.checkpoint`).
 
-A backbone subclass says only how its space and network work: ``backbone``
-(the pipeline's name), :meth:`make_adapter` (its
-:mod:`~yoda_plugin.core.adapters` adapter), :meth:`predict_noise` (the
-network call of a training step), and optionally ``diffusion_defaults``,
-``compile_method``, :meth:`option_sections`, :meth:`check_network`,
-:meth:`prepare_network` and :meth:`describe`.
+A backbone subclass names its backbone (``backbone``: a name registered in
+:data:`~yoda_plugin.core.adapters.BACKBONES`); the adapter class holds its
+space, network calls, size multiple, diffusion defaults and option section.
+Training-only settings stay in the subclass, optionally with
+:meth:`prepare_network` (e.g. freezing) and :meth:`describe`.
 """
 from collections import OrderedDict
 from dataclasses import asdict
@@ -24,12 +23,12 @@ from basicsr.models.sr_model import SRModel
 from basicsr.utils import get_root_logger
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-from yoda_plugin.core import YODAConfig, training_inputs
+from yoda_plugin.config import (DEFAULT_NAN_SKIP_LIMIT, NAN_POLICIES, apply_fast_paths, option_sections,
+                                pipeline_from_sections)
+from yoda_plugin.core import get_backbone, training_inputs
 from yoda_plugin.core.pipeline import DiffusionSR
 
 from .checkpoint import CheckpointMixin
-from .pipeline_options import apply_fast_paths, pipeline_from_sections
-from .sections import DEFAULT_NAN_SKIP_LIMIT, NAN_POLICIES, DiffusionConfig, FastPaths, ValOptions
 from .validation import ValidationMixin
 
 
@@ -42,7 +41,7 @@ def total_norm(tensors) -> torch.Tensor:
 class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
     """Diffusion SR with YODA on or off (the ``yoda`` section); see the module docstring.
 
-    Options on top of BasicSR's SRModel (declared in :mod:`.sections`):
+    Options on top of BasicSR's SRModel (declared in :mod:`yoda_plugin.config`):
         diffusion: schedule, num_timesteps (T_train), linear_start, linear_end, cosine_s,
             sample_steps (T_eval), variance (posterior|beta), clip_denoised, continuous_noise_level.
         yoda: enabled, lower_bound, lr_noise (auto|marginal|fixed|posterior), mask_network_input.
@@ -59,9 +58,7 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
         val.sample_seed: image i uses seed + i, so validations at different iterations are comparable.
         val.progress, val.tb_images, val.save_attention: progress bar, tensorboard images, attention maps.
     """
-    backbone = None  # the DiffusionSR backbone: 'sr3' or 'srdiff'
-    compile_method = 'forward'  # the network method the sampler runs, wrapped by train/val.compile
-    diffusion_defaults = {}  # the backbone's defaults of the diffusion section
+    backbone = None  # a registered backbone name ('sr3', 'srdiff'): yoda_plugin.core.adapters.BACKBONES
     frozen_note = ''  # what the frozen parameters are (log)
     # Option keys read beyond BasicSR's own (sections: '' top level, 'train', 'path'); tests/test_options.py
     # accepts them, merged along the class hierarchy.
@@ -69,6 +66,7 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
                          'path': {'trust_checkpoint'}}
 
     def __init__(self, opt):
+        self.adapter_cls = get_backbone(self.backbone)
         self.parse_options(opt)  # every section checked before a network is built
         super().__init__(opt)
         # fp16 gradients underflow without loss scaling; None: no scaler (float32 or bf16 training).
@@ -91,17 +89,15 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
             f'sparse: {asdict(self.pipeline.sparse) if self.pipeline.sparse.enabled else "off"}; '
             f'pad to {self.pipeline.pad_multiple}; colour fix: {self.pipeline.colour_fix or "off"}' + self.describe())
 
-    # -- hooks of the backbones ------------------------------------------------------------------
+    # -- the backbone, and hooks of the subclasses ------------------------------------------------
     def make_adapter(self, net, schedule, amp_dtype, channels_last):
         """The backbone's adapter for ``net`` and the fed batch (training: no per-image precomputation)."""
-        raise NotImplementedError(f'{type(self).__name__} must implement make_adapter()')
-
-    def predict_noise(self, adapter, inputs: dict) -> torch.Tensor:
-        """The network's noise prediction for the ``training_inputs`` of a step (float32)."""
-        raise NotImplementedError(f'{type(self).__name__} must implement predict_noise()')
+        return self.adapter_cls.for_batch(net, schedule, self.lq, self.lq_up, self.opt['scale'], amp_dtype,
+                                          channels_last, encode=False, **self.backbone_opts)
 
     def check_network(self, net):
         """Raise if ``network_g`` does not fit this model."""
+        self.adapter_cls.check_network(net, self.opt['scale'])
 
     def prepare_network(self, net):
         """Called on the trained network before the fast paths and any DDP wrap (e.g. freezing)."""
@@ -113,12 +109,8 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
     @classmethod
     def option_sections(cls, opt: dict) -> dict:
         """Every option section this model reads, built once (errors name ``<section>.<key>``); the keys are
-        the attribute names the model keeps them under."""
-        return {'diffusion': DiffusionConfig.from_options(opt.get('diffusion'), cls.diffusion_defaults),
-                'yoda': YODAConfig.from_options(opt.get('yoda')),
-                'val_opt': ValOptions.from_options(opt.get('val')),
-                'train_fast': FastPaths.from_section(opt.get('train'), 'train'),
-                'backbone_opts': {}}  # the adapter's keyword arguments
+        the attribute names the model keeps them under (:func:`yoda_plugin.config.option_sections`)."""
+        return option_sections(cls.backbone, opt)
 
     def parse_options(self, opt):
         for name, section in self.option_sections(opt).items():
@@ -150,13 +142,14 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
 
     def _apply_fast_paths(self, net=None, phase=None):
         """``train.channels_last`` / ``train.compile`` for the trained network, ``val.*`` for the sampling one
-        (:func:`~.pipeline_options.apply_fast_paths`, on ``compile_method``): before any DDP wrap (from
+        (:func:`yoda_plugin.config.apply_fast_paths`, on the backbone's ``compile_method``): before any DDP wrap (from
         ``model_to_device``), and on the EMA copy after construction (``net`` None)."""
         if net is None:
             if hasattr(self, 'net_g_ema'):
                 self._apply_fast_paths(self.net_g_ema, 'val')
             return
-        apply_fast_paths(net, self.train_fast if phase == 'train' else self.val_opt.fast, self.compile_method)
+        apply_fast_paths(net, self.train_fast if phase == 'train' else self.val_opt.fast,
+                         self.adapter_cls.compile_method)
 
     def get_optimizer(self, optim_type, params, lr, **kwargs):
         """Any ``torch.optim`` optimizer by name (the paper: AdamW)."""
@@ -215,7 +208,7 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
         mask = self.yoda.mask(self.attention, self.schedule.num_train_timesteps)
         inputs = training_inputs(self.schedule, x0, mask, self.yoda.mask_network_input, None,
                                  self.diffusion.continuous_noise_level)
-        eps = self.predict_noise(adapter, inputs)
+        eps = adapter.training_noise(inputs)
         l_pix = self.cri_pix(eps, inputs['noise'], inputs['mask'])
         self.apply_loss(l_pix, inputs['mask'], current_iter)
 
@@ -293,8 +286,8 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
 
     def build_pipeline(self, **overrides) -> DiffusionSR:
         """The ``DiffusionSR`` of the options (``overrides``: its keyword arguments, e.g. ``tiling``)."""
-        return pipeline_from_sections(self.sampling_net(), self.backbone, self.opt['scale'], self.diffusion, self.yoda,
-                                      self.val_opt, self.backbone_opts, self.schedule, **overrides)
+        return pipeline_from_sections(self.sampling_net(), self.adapter_cls, self.opt['scale'], self.diffusion,
+                                      self.yoda, self.val_opt, self.backbone_opts, self.schedule, **overrides)
 
     @property
     def sample_schedule(self):

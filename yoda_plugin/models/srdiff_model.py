@@ -25,7 +25,8 @@ checks) comes from :class:`~.base_model.DiffusionSRModel`. What is SRDiff's:
   ``diffusion.continuous_noise_level`` must be false; defaults are SRDiff's:
   cosine schedule, T = 100, sampling on all T steps. Sampling encodes the LR
   image once and runs ``net.denoise`` per step (the method ``compile`` wraps);
-  see :class:`~yoda_plugin.core.adapters.SRDiffAdapter`.
+  see :class:`~yoda_plugin.core.adapters.SRDiffAdapter` (the backbone: its residual arithmetic, network calls,
+  defaults and the ``srdiff`` section).
 * the RRDB encoder: loaded from ``path.pretrain_network_rrdb`` (a BasicSR
   RRDBNet checkpoint, ``weights_only=True``) and frozen unless
   ``train.freeze_rrdb: false``. Its unused up-sampling head is always frozen.
@@ -36,28 +37,7 @@ import torch
 from basicsr.utils import get_root_logger
 from basicsr.utils.registry import MODEL_REGISTRY
 
-from yoda_plugin.core.adapters import SRDiffAdapter
-
 from .base_model import DiffusionSRModel
-from .sections import SRDiffConfig
-
-
-def residual_scale(res_rescale: float) -> float:
-    """Factor from [0, 1] image units to SRDiff's residual units: 2 * res_rescale."""
-    return 2.0 * float(res_rescale)
-
-
-def to_residual(hr: torch.Tensor, lq_up: torch.Tensor, res_rescale: float = 2.0, clip: bool = True) -> torch.Tensor:
-    """x0 = (HR - up(LR)) * 2 * res_rescale, clipped to [-1, 1] when ``clip`` (SRDiff's img2res)."""
-    x0 = (hr - lq_up) * residual_scale(res_rescale)
-    return x0.clamp(-1.0, 1.0) if clip else x0
-
-
-def from_residual(x0: torch.Tensor, lq_up: torch.Tensor, res_rescale: float = 2.0, clip: bool = True) -> torch.Tensor:
-    """HR = up(LR) + x0 / (2 * res_rescale), x0 clipped to [-1, 1] first when ``clip`` (SRDiff's res2img)."""
-    if clip:
-        x0 = x0.clamp(-1.0, 1.0)
-    return lq_up + x0 / residual_scale(res_rescale)
 
 
 def read_rrdb_checkpoint(path: str, param_key=None) -> dict:
@@ -112,10 +92,7 @@ class SRDiffModel(DiffusionSRModel):
         path.strict_load_rrdb: all keys and shapes must match (default true).
         train.freeze_rrdb: keep the encoder fixed (default true, SRDiff's fix_rrdb).
     """
-    backbone = 'srdiff'
-    compile_method = 'denoise'  # sampling encodes once and denoises per step; forward calls denoise too
-    diffusion_defaults = {'schedule': 'cosine', 'num_timesteps': 100, 'sample_steps': None,
-                          'continuous_noise_level': False}
+    backbone = 'srdiff'  # residual space, network calls, defaults, the srdiff section: core.adapters.SRDiffAdapter
     frozen_note = 'RRDB encoder head, and its trunk with train.freeze_rrdb'
     # Option keys beyond BasicSR's and DiffusionSRModel's (read by tests/test_options.py).
     extra_option_keys = {'': {'srdiff'}, 'train': {'freeze_rrdb'}}
@@ -125,26 +102,11 @@ class SRDiffModel(DiffusionSRModel):
         if not self.is_train:
             self._load_rrdb()
 
-    @classmethod
-    def option_sections(cls, opt):
-        if (opt.get('diffusion') or {}).get('continuous_noise_level'):
-            raise ValueError('diffusion.continuous_noise_level must be false for SRDiffModel: SRDiff\'s network embeds '
-                             'integer time steps, not a continuous noise level')
-        srdiff = SRDiffConfig.from_options(opt.get('srdiff'))
-        return {**super().option_sections(opt), 'srdiff': srdiff,
-                'backbone_opts': {'res_rescale': srdiff.res_rescale, 'clip_input': srdiff.clip_input}}
-
     def parse_options(self, opt):
         self.freeze_rrdb = (opt.get('train') or {}).get('freeze_rrdb', True)
         if not isinstance(self.freeze_rrdb, bool):
             raise ValueError(f'train.freeze_rrdb must be true or false, got {self.freeze_rrdb!r}')
         super().parse_options(opt)
-
-    def check_network(self, net):
-        if net.__class__.__name__ != 'SRDiffNet':
-            raise ValueError(f'SRDiffModel needs network_g.type: SRDiffNet, got {net.__class__.__name__}')
-        if net.scale != self.opt['scale']:
-            raise ValueError(f'network_g.scale={net.scale} differs from the top-level scale={self.opt["scale"]}')
 
     def describe(self) -> str:
         return (f'; SRDiff: residual x0 = 2 * res_rescale * (HR - up(LR)) with {self.srdiff.as_dict()}, encoder '
@@ -168,20 +130,6 @@ class SRDiffModel(DiffusionSRModel):
         load_rrdb_encoder(self.get_bare_model(self.net_g), self.opt['path'],
                           self.opt['path'].get('pretrain_network_g') is not None, self.is_train, self.freeze_rrdb)
 
-    # -- residual space and the network call -------------------------------------------------------
-    def to_residual(self, hr: torch.Tensor, lq_up: torch.Tensor) -> torch.Tensor:
-        return to_residual(hr, lq_up, self.srdiff.res_rescale, self.srdiff.clip_input)
-
-    def from_residual(self, x0: torch.Tensor, lq_up: torch.Tensor) -> torch.Tensor:
-        return from_residual(x0, lq_up, self.srdiff.res_rescale, self.srdiff.clip_input)
-
-    def make_adapter(self, net, schedule, amp_dtype, channels_last):
-        return SRDiffAdapter(net, schedule, self.lq, self.lq_up, self.opt['scale'], amp_dtype, channels_last,
-                             encode=False, **self.backbone_opts)
-
-    def predict_noise(self, adapter, inputs):
-        return adapter.predict(inputs['z_in'], self.schedule.train_timestep(inputs['k']))
-
 
 def load_rrdb_encoder(net, path_opt: dict, full_checkpoint: bool, is_train: bool = False, frozen: bool = True):
     """``path.pretrain_network_rrdb`` into the encoder of ``net``, unless a full SRDiff checkpoint
@@ -201,9 +149,3 @@ def load_rrdb_encoder(net, path_opt: dict, full_checkpoint: bool, is_train: bool
     loaded = net.load_rrdb_state_dict(state, strict=path_opt.get('strict_load_rrdb', True),
                                       source=f'path.pretrain_network_rrdb {path}')
     logger.info(f'SRDiff: loaded {len(loaded)} RRDB encoder tensors from {path}')
-
-
-def load_rrdb_for_inference(net, opt: dict, checkpoint) -> None:
-    """The inference API's encoder step: a checkpoint of the whole SRDiff network (``checkpoint``) already
-    holds the encoder; without one, ``path.pretrain_network_rrdb`` is loaded."""
-    load_rrdb_encoder(net, opt.get('path') or {}, checkpoint is not None)

@@ -3,7 +3,7 @@
 Our runners (``yoda_plugin/train.py``, ``yoda_plugin/test.py``) call BasicSR's
 ``train_pipeline`` / ``test_pipeline``, whose ``parse_options`` reads the file,
 applies ``--force_yml`` and adds its derived keys (``is_train``, ``dist``,
-``rank``, the ``path`` folders). :func:`install_option_check` wraps that
+``rank``, the ``path`` folders). :mod:`yoda_plugin.runner.patches` wraps that
 ``parse_options`` in ``basicsr.train`` and ``basicsr.test``:
 
 1. before it (:func:`check_command_line`): the file parses safely, with a
@@ -16,14 +16,20 @@ applies ``--force_yml`` and adds its derived keys (``is_train``, ``dist``,
    key of the top level, ``path``, ``train``, ``logger``, ``val`` (BasicSR's
    models), ``val.metrics.*``, ``datasets.*`` (dataset classes that declare
    their keys in ``*_DATASET_KEYS`` module sets) and ``attention_meta`` is a
-   known one (else: the closest known key); the keys BasicSR's pipelines index
+   known one (else: the closest known key); the keyword sections are checked
+   against the signature of what they build: ``network_*`` (the architecture
+   class), ``train.optim_*`` (the torch optimizer), ``train.scheduler``,
+   ``train.*_opt`` (the loss class) and ``val.metrics.*`` (the metric
+   function): an unknown keyword gets the closest accepted one, a required one
+   that is missing is named; the keys BasicSR's pipelines index
    without a default are present (``train.total_iter``,
    ``logger.save_checkpoint_freq``, ...) with the expected type; registered
-   ``model_type`` / ``network_*.type`` / dataset and metric types; ``num_gpu``
+   ``model_type`` / ``network_*.type`` / dataset, loss and metric types; ``num_gpu``
    fits the visible CUDA devices; for our diffusion models every section they
    read (``diffusion``, ``yoda``, ``val``, ``srdiff``, ``train.nan_policy``,
-   ...) through the model class's own option parsing, and with YODA on every
-   dataset section can return attention maps.
+   ...) through the model class's own option parsing, the sampler of ``val``
+   on the training schedule, and with YODA on every dataset section can return
+   attention maps.
 
 A problem stops the runner with one line on stderr naming the option file and
 the key, and exit code 2 (a usage error), before any folder is made, any
@@ -34,9 +40,7 @@ import copy
 import difflib
 import inspect
 import math
-import sys
 
-import yaml
 
 # -- what BasicSR reads (basicsr 1.4.2: utils/options.py, train.py, test.py, models/*, utils/logger.py) --------------
 BASICSR_TOP_KEYS = {
@@ -85,6 +89,9 @@ def _is_number(v) -> bool:
 
 
 def _closest(key, known):
+    same = [k for k in sorted(known, key=str) if str(k).lower() == str(key).lower()]  # Adamw -> AdamW, not Adam
+    if same:
+        return same[0]
     close = difflib.get_close_matches(str(key), sorted(known), n=1)
     return close[0] if close else None
 
@@ -113,43 +120,42 @@ def _unregistered(where: str, name, registry, what: str) -> str:
     return f'{where}: {name!r} is no registered {what}' + (f' (did you mean {close}?)' if close else '')
 
 
+def _accepted(target, supplied=()):
+    """``(keywords a section may set, required ones, takes **kwargs)`` of a class or function called as
+    ``target(*supplied, **section)``; None when it has no inspectable signature."""
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = {n for n, p in params.items() if p.kind in kinds} - set(supplied)
+    required = [n for n, p in params.items() if n in named and p.default is inspect.Parameter.empty]
+    var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return named, required, var_kw
+
+
+def keyword_problems(where: str, target, section: dict, supplied=(), skip=('type',), what: str = '') -> list:
+    """The keys of ``section`` that ``target(*supplied, **section minus skip)`` would refuse with a TypeError:
+    unknown keywords (with the closest accepted one; not checked when it takes ``**kwargs``) and missing
+    required ones. ``what`` names the target in the messages."""
+    accepted = _accepted(target, supplied)
+    if accepted is None or not isinstance(section, dict):
+        return []
+    named, required, var_kw = accepted
+    what = what or getattr(target, '__name__', str(target))
+    problems = []
+    if not var_kw:
+        for key in section:
+            if key in named or key in skip:
+                continue
+            hint = '' if _closest(key, named) else f' ({what} takes {", ".join(sorted(named)) or "no keyword"})'
+            problems.append(_unknown(where, key, named) + hint)
+    problems += [f'missing key {where}.{name} (required by {what})' for name in required if name not in section]
+    return problems
+
+
 def one_line(message) -> str:
     return ' '.join(str(message).split())
-
-
-# -- duplicate keys (called by the safe loader on the document's root node) ---------------------------------------
-def refuse_duplicate_keys(node):
-    """Raise a YAML ``ConstructorError`` naming the key path and both lines of the first repeated key of any
-    mapping under ``node`` (PyYAML silently keeps the last value)."""
-    seen = set()
-
-    def walk(n, path):
-        if id(n) in seen:  # aliases
-            return
-        seen.add(id(n))
-        if isinstance(n, yaml.MappingNode):
-            first = {}
-            for key_node, value_node in n.value:
-                if not isinstance(key_node, yaml.ScalarNode):
-                    walk(value_node, path)
-                    continue
-                if key_node.tag == 'tag:yaml.org,2002:merge':
-                    walk(value_node, path)
-                    continue
-                where = path + [key_node.value]
-                ident = (key_node.tag, key_node.value)
-                if ident in first:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f'duplicate key {".".join(where)} at lines {first[ident] + 1} and '
-                        f'{key_node.start_mark.line + 1} (YAML would keep only the last one; remove one)',
-                        key_node.start_mark)
-                first[ident] = key_node.start_mark.line
-                walk(value_node, where)
-        elif isinstance(n, yaml.SequenceNode):
-            for i, item in enumerate(n.value):
-                walk(item, path + [str(i)])
-
-    walk(node, [])
 
 
 # -- --force_yml ---------------------------------------------------------------------------------------------------
@@ -262,14 +268,14 @@ def _parse_problems(opt: dict, is_train: bool, debug: bool = False) -> list:
     return problems
 
 
-def check_command_line(argv, is_train: bool):
+def read_command_line(argv, is_train: bool):
     """Check the option file and ``--force_yml`` entries of ``argv`` as BasicSR's ``parse_options`` will use them.
-    Returns ``(path, forced keys)``; raises :class:`OptionError`. Without ``-opt`` it leaves the usage error to
-    BasicSR's own parser."""
+    Returns ``(path, forced keys, options)`` with the entries applied (before BasicSR derives anything); raises
+    :class:`OptionError`. Without ``-opt`` it leaves the usage error to BasicSR's own parser: ``(None, {}, None)``."""
     from yoda_plugin.utils.options import load_options
     args = _command_line(argv)
     if not args.opt:
-        return None, {}
+        return None, {}, None
     try:
         opt = load_options(args.opt)
     except (ValueError, OSError) as err:
@@ -284,7 +290,12 @@ def check_command_line(argv, is_train: bool):
     problems = _parse_problems(opt, is_train, args.debug)
     if problems:
         raise OptionError(_report(args.opt, problems, forced))
-    return args.opt, forced
+    return args.opt, forced, opt
+
+
+def check_command_line(argv, is_train: bool):
+    """:func:`read_command_line` without the options: ``(path, forced keys)``."""
+    return read_command_line(argv, is_train)[:2]
 
 
 def _report(source, problems, forced=None) -> str:
@@ -369,6 +380,8 @@ def _train_problems(train: dict) -> list:
     if not isinstance(optim, dict) or 'type' not in optim:
         problems.append('missing key train.optim_g (a mapping with the optimizer type, e.g. {type: AdamW, lr: 5e-5})'
                         if optim is None else f'train.optim_g must be a mapping with a type, got {optim!r}')
+    problems += _optimizer_problems(train)
+    problems += _loss_problems(train)
     scheduler = train.get('scheduler')
     if not isinstance(scheduler, dict) or 'type' not in scheduler:
         problems.append('missing key train.scheduler (a mapping, e.g. {type: MultiStepLR, milestones: [..], gamma: 1})'
@@ -377,6 +390,54 @@ def _train_problems(train: dict) -> list:
         close = _closest(scheduler['type'], SCHEDULER_TYPES)
         problems.append(f'train.scheduler.type must be one of {", ".join(SCHEDULER_TYPES)}, got '
                         f'{scheduler["type"]!r}' + (f' (did you mean {close}?)' if close else ''))
+    else:
+        from basicsr.models import lr_scheduler  # BasicSR builds MultiStepLR as its MultiStepRestartLR
+        cls = getattr(lr_scheduler, 'MultiStepRestartLR' if scheduler['type'] == 'MultiStepLR' else scheduler['type'],
+                      None)
+        if cls is not None:
+            problems += keyword_problems('train.scheduler', cls, scheduler, supplied=('optimizer',))
+    return problems
+
+
+def _optimizer_problems(train: dict) -> list:
+    """``train.optim_*``: a torch.optim class (our models take any; BasicSR's build Adam and a few more by name),
+    called as ``cls(params, lr, **rest)``."""
+    import torch
+    known = sorted(n for n, v in vars(torch.optim).items()
+                   if isinstance(v, type) and issubclass(v, torch.optim.Optimizer) and v is not torch.optim.Optimizer)
+    problems = []
+    for key, section in train.items():
+        if not str(key).startswith('optim_') or not isinstance(section, dict) or 'type' not in section:
+            continue
+        where = f'train.{key}'
+        cls = getattr(torch.optim, str(section['type']), None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            close = _closest(section['type'], known)
+            problems.append(f'{where}.type: {section["type"]!r} is no torch.optim optimizer'
+                            + (f' (did you mean {close}?)' if close else ''))
+            continue
+        problems += keyword_problems(where, cls, section, supplied=('params',), what=f'torch.optim.{cls.__name__}')
+    return problems
+
+
+def _loss_problems(train: dict) -> list:
+    """``train.*_opt``: a registered loss class, built as BasicSR's ``build_loss`` does (``cls(**rest)``);
+    null means no such loss."""
+    from basicsr.utils.registry import LOSS_REGISTRY
+    problems = []
+    for key, section in train.items():
+        if not str(key).endswith('_opt') or section is None:
+            continue
+        where = f'train.{key}'
+        if not isinstance(section, dict) or 'type' not in section:
+            problems.append(f'{where} must be a mapping with a loss type (e.g. {{type: MaskedNoiseLoss}}) or null, '
+                            f'got {section!r}')
+            continue
+        cls = _registry_get(LOSS_REGISTRY, section['type'])
+        if cls is None:
+            problems.append(_unregistered(f'{where}.type', section['type'], LOSS_REGISTRY, 'loss'))
+            continue
+        problems += keyword_problems(where, cls, section)
     return problems
 
 
@@ -425,7 +486,11 @@ def _metric_problems(metrics: dict) -> list:
         params = inspect.signature(func).parameters
         named = {p for p, v in params.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)}
         known = named | METRIC_KEYS
+        # Checked even when the function takes **kwargs: BasicSR's metrics swallow (ignore) unknown keywords.
         problems += [_unknown(where, k, known - {'img', 'img2'}) for k in mopt if k not in known]
+        required = [p for p, v in params.items() if p in named and v.default is inspect.Parameter.empty]
+        problems += [f'missing key {where}.{p} (required by {mopt["type"]})' for p in required
+                     if p not in mopt and p not in ('img', 'img2')]
     return problems
 
 
@@ -513,6 +578,9 @@ def _model_problems(opt: dict):
     try:
         probe.parse_options(copy.deepcopy(opt))
         yoda = probe.yoda
+        sampler = getattr(getattr(probe, 'val_opt', None), 'sampler_config', None)
+        if sampler is not None and getattr(probe, 'schedule', None) is not None:  # its steps fit the schedule
+            sampler.build(probe.schedule, probe.diffusion.sample_steps)
     except (ValueError, TypeError) as err:
         return [one_line(err)], False
     except Exception:  # noqa: BLE001  (parse_options grew a dependency on __init__: check the sections only)
@@ -563,6 +631,8 @@ def option_tree_problems(opt, is_train: bool, cuda_devices=None) -> list:
                 problems.append(f'{key} must be a mapping with a type (a registered architecture), got {net!r}')
             elif _registry_get(ARCH_REGISTRY, net['type']) is None:
                 problems.append(_unregistered(f'{key}.type', net['type'], ARCH_REGISTRY, 'architecture'))
+            else:
+                problems += keyword_problems(key, _registry_get(ARCH_REGISTRY, net['type']), net)
     if 'network_g' not in opt:
         problems.append('missing key network_g (the generator network: a mapping with a type)')
     problems += _path_problems(opt['path'])
@@ -595,34 +665,3 @@ def check_option_tree(opt, is_train: bool, source: str = '<options>', forced=Non
     problems = option_tree_problems(opt, is_train, cuda_devices)
     if problems:
         raise OptionError(_report(source, problems, forced))
-
-
-# -- the runners ---------------------------------------------------------------------------------------------------
-def checked_parse_options(parse_options):
-    """BasicSR's ``parse_options`` with our checks before and after; a problem exits with code 2 and one line."""
-    if getattr(parse_options, '_yoda_checked', False):
-        return parse_options
-
-    def wrapped(root_path, is_train=True):
-        try:
-            source, forced = check_command_line(sys.argv[1:], is_train)
-            opt, args = parse_options(root_path, is_train=is_train)
-            check_option_tree(opt, is_train, source or args.opt, forced)
-        except OptionError as err:
-            print(f'error: {one_line(err)}', file=sys.stderr, flush=True)  # the wording of our other entry points
-            from yoda_plugin.utils.options import close_process_group
-            close_process_group()  # --launcher pytorch: every rank refuses alike; gloo would abort at exit
-            raise SystemExit(USAGE_EXIT_CODE) from None
-        return opt, args
-
-    wrapped._yoda_checked = True
-    wrapped.__wrapped__ = parse_options
-    return wrapped
-
-
-def install_option_check():
-    """Check options in ``basicsr.train`` / ``basicsr.test`` (the functions our runners call); in memory only."""
-    import basicsr.test as btest
-    import basicsr.train as btrain
-    for module in (btrain, btest):
-        module.parse_options = checked_parse_options(module.parse_options)
