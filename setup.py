@@ -30,7 +30,7 @@ setup(
     python_requires='>=3.9',
     packages=find_packages(include=['yoda_plugin', 'yoda_plugin.*']),
     # The converged demo models (scripts/benchmark_convergence.py --export; docs/convergence.md).
-    package_data={'yoda_plugin': ['weights/*.pth']},
+    package_data={'yoda_plugin': ['weights/*.pth', 'apps/examples/*.png']},
     install_requires=[
         'torch>=2.1',
         'torchvision>=0.16',
@@ -44,8 +44,10 @@ setup(
         'numpy>=1.22',
         'tqdm>=4.0',
     ],
-    extras_require={'test': ['pytest>=7', 'hypothesis>=6', 'scikit-image>=0.19', 'matplotlib>=3.5', 'import-linter>=2.0'],
-                    'plots': ['matplotlib>=3.5']},
+    extras_require={'test': ['pytest>=7', 'hypothesis>=6', 'scikit-image>=0.19', 'matplotlib>=3.5', 'import-linter>=2.0',
+                             'selenium>=4.10'],
+                    'plots': ['matplotlib>=3.5'],
+                    'app': ['gradio>=6.0']},  # python -m yoda_plugin app (docs/app.md)
     entry_points={
         'console_scripts': [
             'yoda-train=yoda_plugin.train:main',

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create (or reuse) the virtual environment .venv and install the plugin with its test extras.
+# Create (or reuse) the virtual environment .venv and install the plugin with its test and app extras.
 # Sourced by scripts/demo.sh and scripts/run_tests.sh; safe to run again (it reinstalls only when
 # setup.py changed). Override the interpreter with PYTHON=..., the torch pin with TORCH_SPEC=...
 set -euo pipefail
@@ -17,11 +17,11 @@ fi
 STAMP="$VENV/.yoda_installed"
 WANT="$(cat "$ROOT/setup.py" | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  echo "[setup] installing $TORCH_SPEC and the plugin (pip install -e .[test]) into $VENV"
+  echo "[setup] installing $TORCH_SPEC and the plugin (pip install -e .[test,app]) into $VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   # shellcheck disable=SC2086
   "$VENV/bin/python" -m pip install --quiet $TORCH_SPEC
-  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,app]"
   # First import writes yapf's grammar cache (via mmengine); do it once here, not in two torchrun ranks at once
   # (a rank reading the other's half-written cache fails with "EOFError: Ran out of input").
   "$VENV/bin/python" -c "import mmengine.dist" >/dev/null

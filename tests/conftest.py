@@ -2,7 +2,9 @@
 import copy
 import glob
 import importlib.util
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +13,18 @@ import pytest
 import yaml
 
 import yoda_plugin  # noqa: F401  (registers everything, installs the torchvision shim)
+
+def mentions(*parts):
+    """A pattern for ``pytest.raises(match=...)``: the message carries every one of ``parts`` (literal strings: the
+    file, key, option and value it must name), in any order, whatever the wording around them."""
+    return '(?s)' + ''.join(f'(?=.*{re.escape(str(p))})' for p in parts)
+
+
+def assert_mentions(text, *parts):
+    """``text`` (an error message, a log, a command's output) carries every one of ``parts``, whatever the wording."""
+    missing = [p for p in parts if str(p) not in text]
+    assert not missing, f'{missing} not in:\n{text}'
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE = 4
@@ -53,6 +67,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class _Capture(logging.Handler):
+    """BasicSR's logger does not propagate, so pytest's caplog sees nothing of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def basicsr_log():
+    """The messages BasicSR's root logger emits during a test, as a list of strings."""
+    from basicsr.utils import get_root_logger
+    logger = get_root_logger()
+    handler, level = _Capture(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # BasicSR sets a level only with a log file
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 @pytest.fixture(scope='session')

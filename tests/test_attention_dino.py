@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import mentions
 from yoda_plugin.attention import ATTENTION_SOURCES, build_attention_source, build_attention_source_from_config
 from yoda_plugin.attention.dino import (OFFICIAL_WEIGHTS, WEIGHTS_ENV_VARS, DinoResNet50Attention, DinoViTS8Attention,
                                         UnsafeCheckpointError, aggregate_heads, extract_backbone_state_dict,
@@ -305,7 +306,7 @@ def test_checkpoint_needing_unsafe_unpickling_is_refused(tmp_path):
 def test_garbage_file_raises_value_error(tmp_path):
     path = tmp_path / RESNET_FILE
     path.write_bytes(b'this is not a checkpoint')
-    with pytest.raises(ValueError, match='not a readable PyTorch checkpoint'):
+    with pytest.raises(ValueError, match=mentions(RESNET_FILE, 'checkpoint')):
         DinoResNet50Attention(weights=str(path))
 
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import load_precompute_script, load_script, raw_values
+from conftest import PYTHON, assert_mentions, load_precompute_script, load_script, raw_values, run_env
 from yoda_plugin.attention import build_attention_source
 from yoda_plugin.apps.precompute_attention import parse_source_opts
 from yoda_plugin.data.attention_lmdb import (AttentionLMDBLockedError, AttentionLMDBWriter, MissingAttentionKeyError,
@@ -541,3 +541,100 @@ def test_script_as_subprocess_exit_code(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert 'corrupt' in proc.stdout and 'written 3' in proc.stdout
     assert (out / 'meta_info.txt').read_text().count('\n') == 3
+
+
+# -- a portable writer lock: without fcntl (as on Windows) ------------------------------------------------------------
+
+_NO_FCNTL = r'''
+import os, sys
+sys.modules['fcntl'] = None  # as on Windows: "import fcntl" raises ImportError
+import numpy as np
+import yoda_plugin
+assert yoda_plugin.BASICSR_IMPORT_ERROR is None, yoda_plugin.BASICSR_IMPORT_ERROR
+from yoda_plugin.data.attention_lmdb import (AttentionLMDBLockedError, AttentionLMDBWriter, make_attention_meta,
+                                             read_attention_lmdb)
+from yoda_plugin.utils.filelock import FileLock
+path, mode = sys.argv[1], sys.argv[2]
+meta = make_attention_meta({'name': 'edge'})
+if mode == 'hold':  # keep a writer open until stdin closes
+    w = AttentionLMDBWriter(path, meta)
+    print('mechanism', FileLock(path).mechanism, flush=True)
+    sys.stdin.read()
+    w.close()
+    sys.exit(0)
+if mode == 'stale':  # a dead holder's lock file is taken over
+    with open(os.path.join(path, 'yoda_writer.lock'), 'w') as f:
+        f.write('999999999\n')
+with AttentionLMDBWriter(path, meta) as w:
+    w.put('a', np.full((4, 4), 0.5, np.float32))
+    try:
+        AttentionLMDBWriter(path, meta)
+    except AttentionLMDBLockedError as err:
+        print('refused:', err)
+    else:
+        sys.exit('a second writer was not refused')
+with AttentionLMDBWriter(path, meta) as w:  # released on close: a later writer gets it
+    w.put('b', np.zeros((4, 4), np.float32))
+print('read', float(read_attention_lmdb(path, 'a')[0, 0]))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mode', ['same_process', 'stale'])
+def test_import_and_writer_lock_without_fcntl(tmp_path, mode):
+    path = tmp_path / 'att.lmdb'
+    if mode == 'stale':
+        path.mkdir()
+    proc = subprocess.run([PYTHON, '-c', _NO_FCNTL, str(path), mode], env=run_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_mentions(proc.stdout, 'refused:', str(path), 'pid ')
+    assert 'read 0.5' in proc.stdout
+    assert not (path / 'yoda_writer.lock').exists(), 'the exclusive-create lock file is removed on release'
+
+
+@pytest.mark.slow
+def test_writer_lock_without_fcntl_refuses_another_process(tmp_path):
+    path = tmp_path / 'att.lmdb'
+    holder = subprocess.Popen([PYTHON, '-c', _NO_FCNTL, str(path), 'hold'], env=run_env(), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'mechanism exclusive-create', holder.stderr.read()
+        code = ('import sys; sys.modules["fcntl"] = None\n'
+                'from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter, make_attention_meta\n'
+                'try:\n'
+                '    AttentionLMDBWriter(sys.argv[1], make_attention_meta({"name": "edge"}))\n'
+                'except Exception as err:\n'
+                '    print(type(err).__name__, err); sys.exit(3)\n')
+        other = subprocess.run([PYTHON, '-c', code, str(path)], env=run_env(), capture_output=True, text=True,
+                               timeout=120)
+        assert other.returncode == 3, other.stdout + other.stderr
+        assert_mentions(other.stdout, 'AttentionLMDBLockedError', str(path), f'pid {holder.pid}')
+    finally:
+        holder.communicate('', timeout=60)
+    assert holder.returncode == 0
+    assert not (path / 'yoda_writer.lock').exists()
+
+
+# -- the precompute script on an empty input --------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['folder', 'folder_with_subfolder', 'lmdb'])
+def test_precompute_on_empty_input_is_an_error_and_creates_nothing(tmp_path, kind):
+    from conftest import PRECOMPUTE_SCRIPT
+    src = tmp_path / 'in'
+    src.mkdir()
+    if kind == 'folder_with_subfolder':
+        (src / 'sub').mkdir()
+        (src / 'x.png').mkdir()  # a folder named like an image is no image
+    if kind == 'lmdb':
+        from yoda_plugin.data.lmdb_images import write_image_lmdb
+        src = tmp_path / 'in.lmdb'
+        write_image_lmdb(str(src), {})
+    before = sorted(os.listdir(tmp_path))
+    out = tmp_path / 'out.lmdb'
+    proc = subprocess.run([PYTHON, PRECOMPUTE_SCRIPT, '--input', str(src), '--output', str(out), '--source', 'edge'],
+                          env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert_mentions(proc.stderr, f'--input {src}', 'no images')
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == before

@@ -121,5 +121,5 @@ def test_not_a_checkout_is_refused(tmp_path):
     env = dict(run_env(), YODA_PYTHON=sys.executable)
     proc = subprocess.run(['bash', SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert 'is no BasicSR source checkout: basicsr/train.py is missing' in proc.stderr
+    assert str(tmp_path) in proc.stderr and 'basicsr/train.py' in proc.stderr, proc.stderr
     assert os.listdir(tmp_path) == []

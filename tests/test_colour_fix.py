@@ -8,7 +8,7 @@ import torch
 from yoda_plugin.core.colour_fix import (COLOUR_FIXES, adain_colour_fix, apply_colour_fix, check_colour_fix,
                                          low_frequency, wavelet_colour_fix)
 
-from conftest import load_script, tiny_options, write_options
+from conftest import load_script, mentions, tiny_options, write_options
 
 
 def smooth_image(seed=0, size=32, batch=2):
@@ -75,7 +75,7 @@ def test_low_frequency_is_a_smoothing_that_keeps_constants():
     assert (low_frequency(const) - const).abs().max() < 1e-7
     x = smooth_image(2, size=8, batch=1)  # dilations 8 and 16 exceed the image: replicated borders
     assert low_frequency(x).shape == x.shape and bool(torch.isfinite(low_frequency(x)).all())
-    with pytest.raises(ValueError, match='levels must be a positive integer'):
+    with pytest.raises(ValueError, match=mentions('levels', 'positive integer', 'got 0')):
         low_frequency(x, 0)
 
 
@@ -89,7 +89,7 @@ def test_apply_colour_fix_dispatches_and_clips():
     out = apply_colour_fix('wavelet', sr + 0.9, bright)
     assert float(out.max()) <= 1 and float(out.min()) >= 0
     assert check_colour_fix('none') is None and check_colour_fix(None) is None and COLOUR_FIXES == ('wavelet', 'adain')
-    with pytest.raises(ValueError, match=r"val\.colour_fix must be null \(no colour fix\), wavelet or adain, got 'gr"):
+    with pytest.raises(ValueError, match=mentions('val.colour_fix', 'null', 'wavelet', 'adain', "'gray'")):
         check_colour_fix('gray', 'val.colour_fix')
     with pytest.raises(ValueError, match='same shape'):
         apply_colour_fix('adain', sr, ref[..., :16])
@@ -145,9 +145,9 @@ def test_val_colour_fix_reaches_the_pipeline(tiny_data, one_thread):
 
 def test_unknown_colour_fix_names_the_option(tiny_data):
     from yoda_plugin.config import build_pipeline
-    with pytest.raises(ValueError, match=r'val\.colour_fix must be null \(no colour fix\), wavelet or adain'):
+    with pytest.raises(ValueError, match=mentions('val.colour_fix', 'null', 'wavelet', 'adain', "'histogram'")):
         _model(tiny_data, val__colour_fix='histogram')
-    with pytest.raises(ValueError, match=r'val\.colour_fix must be null'):
+    with pytest.raises(ValueError, match=mentions('val.colour_fix', "'AdaIN'")):
         build_pipeline(_model(tiny_data).sampling_net(), tiny_options(tiny_data, yoda=False), colour_fix='AdaIN')
 
 

@@ -14,7 +14,7 @@ from yoda_plugin.data.transforms import bicubic_resize
 from yoda_plugin.metrics.colour_metric import (bgr_to_lab, calculate_colour_shift, calculate_lr_psnr,
                                                calculate_ssim_skimage, ciede2000)
 
-from conftest import synthetic_image, tiny_options
+from conftest import mentions, synthetic_image, tiny_options
 
 
 def structured(seed=0, size=48, low=20, high=230):
@@ -71,13 +71,13 @@ def test_ssim_of_a_pure_offset_is_the_luminance_term():
 
 def test_ssim_errors():
     img = structured()
-    with pytest.raises(ValueError, match='smaller than the 7x7 window'):
+    with pytest.raises(ValueError, match=mentions('6x48', '7x7')):
         calculate_ssim_skimage(img[:6], img[:6])
-    with pytest.raises(ValueError, match='image shapes are different'):
+    with pytest.raises(ValueError, match=mentions('(48, 48, 3)', '(47, 48, 3)')):
         calculate_ssim_skimage(img, img[:-1])
-    with pytest.raises(ValueError, match='win_size must be an odd integer'):
+    with pytest.raises(ValueError, match=mentions('win_size', 'odd', 'got 8')):
         calculate_ssim_skimage(img, img, win_size=8)
-    with pytest.raises(TypeError, match=r"unknown option\(s\) \['gaussian_weights'\]"):
+    with pytest.raises(TypeError, match=mentions("['gaussian_weights']")):
         calculate_ssim_skimage(img, img, gaussian_weights=True)
 
 
@@ -143,13 +143,13 @@ def test_colour_shift_ignores_fine_structure():
 
 def test_colour_shift_errors_and_registry():
     img = structured()
-    with pytest.raises(ValueError, match='measure must be one of'):
+    with pytest.raises(ValueError, match=mentions('measure', "'deltaE'")):
         calculate_colour_shift(img, img, measure='deltaE')
-    with pytest.raises(ValueError, match='sigma must be a number >= 0'):
+    with pytest.raises(ValueError, match=mentions('sigma', '>= 0', 'got -1')):
         calculate_colour_shift(img, img, sigma=-1)
     with pytest.raises(ValueError, match='3-channel BGR'):
         calculate_colour_shift(img[..., :1], img[..., :1])
-    with pytest.raises(ValueError, match='test_y_channel: true is not supported'):
+    with pytest.raises(ValueError, match=mentions('test_y_channel: true')):
         calculate_colour_shift(img, img, test_y_channel=True)
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['sigam'\]"):
         calculate_colour_shift(img, img, sigam=2)
@@ -191,13 +191,13 @@ def test_lr_psnr_sees_colour_and_the_resize_mode():
 def test_lr_psnr_errors():
     hr = structured(size=32)
     lq = bicubic_resize(hr, (8, 8), 'pil')
-    with pytest.raises(ValueError, match='needs the LR image lq'):
+    with pytest.raises(ValueError, match=mentions('calculate_lr_psnr', 'lq')):
         calculate_lr_psnr(hr, hr)
-    with pytest.raises(ValueError, match='no whole multiple of the LR size'):
+    with pytest.raises(ValueError, match=mentions('(30, 32)', '(8, 8)')):
         calculate_lr_psnr(hr[:30], lq=lq)
-    with pytest.raises(ValueError, match=r'is not the LR size \(8, 8\) x scale 2'):
+    with pytest.raises(ValueError, match=mentions('(32, 32)', '(8, 8)', 'scale 2')):
         calculate_lr_psnr(hr, lq=lq, scale=2)
-    with pytest.raises(ValueError, match="resize must be one of"):
+    with pytest.raises(ValueError, match=mentions('resize', "'bilinear'")):
         calculate_lr_psnr(hr, lq=lq, resize='bilinear')
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['scael'\]"):
         calculate_lr_psnr(hr, lq=lq, scael=4)

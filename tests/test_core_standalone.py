@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = os.path.join(REPO, 'yoda_plugin', 'core')
 
@@ -24,6 +26,7 @@ def test_core_sources_import_no_basicsr():
                 f'{path}: {names}'
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: ~5 s on a busy 2-core machine
 def test_core_imports_and_samples_with_basicsr_cv2_lmdb_blocked():
     code = '''
 import sys

@@ -1,4 +1,5 @@
-"""A full disk while writing an LMDB (the LMDB half of the full-disk handling; checkpoints are the other).
+"""A full disk while writing an LMDB (the LMDB half of the full-disk handling; checkpoints are the
+other, test_disk_full.py).
 
 py-lmdb reports a full disk in its own words: ``lmdb.Error('mdb_txn_commit: Input/output error')`` on a full
 tmpfs (measured on a 1 MiB tmpfs), "No space left on device" on other file systems. Every LMDB writer of the

@@ -1,9 +1,12 @@
 """LPIPS metric: local weights only (random AlexNet in torchvision's layout), BasicSR registry, properties."""
 import os
+import subprocess
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import PYTHON, REPO, mentions, run_env
 
 import yoda_plugin  # noqa: F401
 from yoda_plugin.metrics import lpips_metric
@@ -81,7 +84,7 @@ def test_lookup_order_env_and_hub(alexnet_file, no_lookup, monkeypatch):
     monkeypatch.setenv(ALEXNET_ENV, str(no_lookup / 'missing.pth'))
     with pytest.raises(FileNotFoundError, match='missing.pth'):
         lpips_metric.resolve_alexnet_weights()  # a set variable must be right: no silent fallback
-    with pytest.raises(FileNotFoundError, match='nothing else was consulted'):
+    with pytest.raises(FileNotFoundError, match=mentions('nope.pth', 'weights=', 'nothing else')):
         lpips_metric.resolve_alexnet_weights(str(no_lookup / 'nope.pth'))
 
 
@@ -113,3 +116,30 @@ def test_option_errors(alexnet_file):
         calculate_lpips(img, img, weights=alexnet_file, net='vgg')
     with pytest.raises(ValueError, match='shapes'):
         calculate_lpips(img, img[:32], weights=alexnet_file)
+
+
+@pytest.mark.slow
+def test_inference_without_lpips_weights_leaves_no_temporary_folder(tiny_data, tmp_path):
+    import cv2
+    import numpy as np
+    from basicsr.utils.registry import ARCH_REGISTRY
+
+    from conftest import tiny_options, write_options
+    opt = tiny_options(tiny_data, name='inf')
+    opt['val']['metrics']['lpips'] = {'type': 'calculate_lpips', 'crop_border': 0, 'net': 'alex'}
+    net_opt = dict(opt['network_g'])
+    net = ARCH_REGISTRY.get(net_opt.pop('type'))(**net_opt)
+    torch.save({'params': net.state_dict(), 'params_ema': net.state_dict()}, tmp_path / 'net.pth')
+    opt['path']['pretrain_network_g'] = str(tmp_path / 'net.pth')
+    opt_path = write_options(tmp_path / 'inf.yml', opt)
+    (tmp_path / 'in').mkdir()
+    cv2.imwrite(str(tmp_path / 'in' / 'a.png'), np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8))
+    temp = tmp_path / 'temp'
+    temp.mkdir()
+    env = dict(run_env(), TMPDIR=str(temp), YODA_LPIPS_ALEXNET=str(tmp_path / 'absent_alexnet.pth'))
+    proc = subprocess.run([PYTHON, os.path.join(REPO, 'scripts', 'inference_yoda.py'), str(tmp_path / 'in'), '-o',
+                           str(tmp_path / 'out'), '--opt', opt_path, '--steps', '2', '--quiet'],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.listdir(tmp_path / 'out') == ['a.png']
+    assert os.listdir(temp) == [], 'no temporary folder is left behind'

@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import PYTHON, REPO, run_env, tiny_options, write_options
+from conftest import PYTHON, REPO, assert_mentions, mentions, run_env, tiny_options, write_options
 
 from yoda_plugin.runner.option_check import OptionError, check_option_tree
 from yoda_plugin.runner.patches import USAGE_EXIT_CODE, checked_parse_options
@@ -91,25 +91,25 @@ def test_top_level_list_is_refused_by_the_training_runner(tmp_path):
 def test_empty_file_is_refused_by_the_test_runner(tmp_path):
     path = _write(tmp_path, '# nothing but a comment\n', 'test_empty.yml')
     err = _run_runner(tmp_path, [os.path.join(REPO, 'yoda_plugin', 'test.py'), '-opt', path])
-    assert f'option file {path} is empty: it must contain a mapping at top level' in err
+    assert_mentions(err, path, 'empty', 'mapping')
 
 
 def test_typo_of_manual_seed_names_the_closest_key(tmp_path, refused):
     path = _write(tmp_path, _options_text(tmp_path).replace('\nmanual_seed: 0\n', '\nmanual_sed: 0\n'))
     err = refused(path)
-    assert f'option file {path}: unknown key manual_sed (did you mean manual_seed?)' in err
+    assert_mentions(err, path, 'manual_sed', 'manual_seed?')
 
 
 def test_typo_of_ema_decay_names_the_closest_key(tmp_path, refused):
     path = _write(tmp_path, _options_text(tmp_path).replace('  ema_decay: 0.9\n', '  ema_dcay: 0.9\n'))
-    assert 'unknown key train.ema_dcay (did you mean train.ema_decay?)' in refused(path)
+    assert_mentions(refused(path), 'train.ema_dcay', 'train.ema_decay?')
 
 
 def test_missing_total_iter_is_named(tmp_path, refused):
     text = _options_text(tmp_path)
     assert '  total_iter: 4\n' in text
     err = refused(_write(tmp_path, text.replace('  total_iter: 4\n', '')))
-    assert 'missing key train.total_iter (the number of training iterations)' in err
+    assert_mentions(err, 'missing key train.total_iter')
     assert "KeyError" not in err
 
 
@@ -124,7 +124,7 @@ def test_empty_yoda_section_is_refused_not_vanilla(tmp_path, refused):
     start = text.index('\nyoda:\n') + 1
     end = text.index('\npath:\n') + 1
     err = refused(_write(tmp_path, text[:start] + 'yoda:\n' + text[end:]))
-    assert 'yoda is empty (null): write yoda: {enabled: false} for vanilla diffusion' in err
+    assert_mentions(err, 'yoda', 'empty', 'yoda: {enabled: false}')
 
 
 def test_duplicate_key_names_its_path_and_both_lines(tmp_path, refused):
@@ -134,8 +134,8 @@ def test_duplicate_key_names_its_path_and_both_lines(tmp_path, refused):
     lines.insert(first + 1, '  ema_decay: 0.5\n')
     path = _write(tmp_path, ''.join(lines))
     err = refused(path)
-    assert f'duplicate key train.ema_decay at lines {first + 1} and {first + 2}' in err and path in err
-    with pytest.raises(ValueError, match='duplicate key train.ema_decay'):
+    assert_mentions(err, 'duplicate key train.ema_decay', f'{first + 1} and {first + 2}', path)
+    with pytest.raises(ValueError, match=mentions('duplicate key train.ema_decay')):
         load_options(path)  # the loader itself refuses it: every user of load_options
 
 
@@ -151,9 +151,9 @@ def test_force_yml_with_a_mapping_value_names_the_entry(tmp_path):
 def test_force_yml_misspelt_keys_name_the_entry(tmp_path, refused):
     path = _write(tmp_path, _options_text(tmp_path))
     err = refused(path, '--force_yml', 'trian:total_iter=3')
-    assert 'the option file has no key trian (did you mean train?)' in err
+    assert_mentions(err, 'trian', 'train?')
     err = refused(path, '--force_yml', 'train:ema_dcay=0.5')
-    assert "unknown key train.ema_dcay (did you mean train.ema_decay?) (set by --force_yml 'train:ema_dcay=0.5')" in err
+    assert_mentions(err, 'train.ema_dcay', 'train.ema_decay?', "--force_yml 'train:ema_dcay=0.5'")
     assert 'expected exactly one "="' in refused(path, '--force_yml', 'train:total_iter=3=4')
     # a good entry goes through, as BasicSR applies it
     assert refused(path, '--force_yml', 'train:total_iter=3', ok=True)['train']['total_iter'] == 3
@@ -165,7 +165,7 @@ def test_num_gpu_without_cuda_suggests_zero_or_auto(tmp_path, refused, monkeypat
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
     path = _write(tmp_path, _options_text(tmp_path).replace('\nnum_gpu: auto\n', '\nnum_gpu: 1\n'))
     err = refused(path)
-    assert 'num_gpu is 1 but this machine has no CUDA device: set num_gpu: 0 (the CPU) or num_gpu: auto' in err
+    assert_mentions(err, 'num_gpu is 1', 'CUDA', 'num_gpu: 0', 'num_gpu: auto')
     # auto is BasicSR's torch.cuda.device_count(): 0 on this machine, which works
     ok = refused(_write(tmp_path, _options_text(tmp_path), 'train_auto.yml'), ok=True)
     assert ok['num_gpu'] == 0
@@ -183,8 +183,8 @@ def test_yoda_with_basicsr_paired_dataset_names_type_and_our_dataset(tmp_path, r
     assert text.count('  type: YODAPairedDataset\n') == 2
     path = _write(tmp_path, text.replace('  type: YODAPairedDataset\n', '  type: PairedImageDataset\n', 1))
     err = refused(path)
-    assert 'datasets.train.type is PairedImageDataset, which returns no attention maps, but YODA is on' in err
-    assert 'use type: YODAPairedDataset with dataroot_attention' in err
+    assert_mentions(err, 'datasets.train.type is PairedImageDataset', 'attention maps', 'YODA',
+                    'type: YODAPairedDataset', 'dataroot_attention')
     assert 'set dataroot_attention in the dataset options' not in err
 
 
@@ -192,18 +192,18 @@ def test_yoda_without_dataroot_attention_names_the_key(tmp_path, refused):
     opt = tiny_options(DATA, name='bad')
     del opt['datasets']['val']['dataroot_attention'], opt['datasets']['val']['attention_meta']
     err = refused(write_options(tmp_path / 'train_noatt.yml', opt))
-    assert 'missing key datasets.val.dataroot_attention: YODA is on' in err
+    assert_mentions(err, 'missing key datasets.val.dataroot_attention', 'YODA')
 
 
 # -- types, test mode, and what must keep passing ---------------------------------------------------------------
 def test_wrong_types_are_named_with_the_expected_type(tmp_path, refused):
     text = _options_text(tmp_path)
     err = refused(_write(tmp_path, text.replace('  total_iter: 4\n', "  total_iter: '4'\n")))
-    assert "train.total_iter must be a whole number >= 1 (the number of training iterations), got '4'" in err
+    assert_mentions(err, 'train.total_iter', 'whole number >= 1', "'4'")
     err = refused(_write(tmp_path, text.replace('  save_img: true\n', '  save_img: 1\n'), 'train_b.yml'))
-    assert 'val.save_img must be true or false, got 1' in err
+    assert_mentions(err, 'val.save_img', 'true or false', 'got 1')
     err = refused(_write(tmp_path, text.replace('type: SR3UNet', 'type: SR3Unet'), 'train_c.yml'))
-    assert "network_g.type: 'SR3Unet' is no registered architecture (did you mean SR3UNet?)" in err
+    assert_mentions(err, "network_g.type: 'SR3Unet'", 'architecture', 'SR3UNet?')
 
 
 def test_test_options_are_checked_in_test_mode(tmp_path, refused):
@@ -213,7 +213,7 @@ def test_test_options_are_checked_in_test_mode(tmp_path, refused):
     assert 'missing key val.save_img' in err
     err = refused(_write(tmp_path, text.replace('  sample_seed: 0\n', '  sample_sed: 0\n'), 'test_typo.yml'),
                   is_train=False)
-    assert 'val.sample_sed (did you mean val.sample_seed?)' in err
+    assert_mentions(err, 'val.sample_sed', 'val.sample_seed?')
 
 
 def test_library_check_reports_every_problem_in_one_error():
@@ -224,34 +224,34 @@ def test_library_check_reports_every_problem_in_one_error():
         ds.update(phase=phase, scale=opt['scale'])
     with pytest.raises(OptionError) as info:
         check_option_tree(opt, True, 'x.yml', cuda_devices=0)
-    assert str(info.value).startswith('option file x.yml: unknown key manual_sed (did you mean manual_seed?); '
-                                      'unknown key train.ema_dcay (did you mean train.ema_decay?)')
+    message = str(info.value)
+    assert message.startswith('option file x.yml: '), message
+    assert_mentions(message, 'manual_sed', 'manual_seed?', 'train.ema_dcay', 'train.ema_decay?')
     assert isinstance(info.value, ValueError) and USAGE_EXIT_CODE == 2
 
 
 # -- keyword sections against the signature of what they build ----------------------------------------------------
 @pytest.mark.parametrize('old, new, named', [
-    ('  norm_groups: 8\n', '  norm_group: 8\n', 'unknown key network_g.norm_group (did you mean network_g.norm_groups?)'),
+    ('  norm_groups: 8\n', '  norm_group: 8\n', ('network_g.norm_group ', 'network_g.norm_groups?')),
     ('    weight_decay: 0.0001\n', '    weight_decy: 0.0001\n',
-     'unknown key train.optim_g.weight_decy (did you mean train.optim_g.weight_decay?)'),
-    ('    type: AdamW\n', '    type: Adamw\n', "train.optim_g.type: 'Adamw' is no torch.optim optimizer (did you mean AdamW?)"),
-    ('    gamma: 1.0\n', '    gama: 1.0\n', 'unknown key train.scheduler.gama (did you mean train.scheduler.gamma?)'),
-    ('    milestones:\n    - 100000\n', '', 'missing key train.scheduler.milestones (required by MultiStepRestartLR)'),
+     ('train.optim_g.weight_decy', 'train.optim_g.weight_decay?')),
+    ('    type: AdamW\n', '    type: Adamw\n', ("train.optim_g.type: 'Adamw'", 'torch.optim', 'AdamW?')),
+    ('    gamma: 1.0\n', '    gama: 1.0\n', ('train.scheduler.gama', 'train.scheduler.gamma?')),
+    ('    milestones:\n    - 100000\n', '', ('missing key train.scheduler.milestones', 'MultiStepRestartLR')),
     ('    loss_weight: 1.0\n', '    loss_weigth: 1.0\n',
-     'unknown key train.pixel_opt.loss_weigth (did you mean train.pixel_opt.loss_weight?)'),
-    ('    type: MaskedNoiseLoss\n', '    type: MaskedNoiseLos\n', "train.pixel_opt.type: 'MaskedNoiseLos' is no registered loss"),
+     ('train.pixel_opt.loss_weigth', 'train.pixel_opt.loss_weight?')),
+    ('    type: MaskedNoiseLoss\n', '    type: MaskedNoiseLos\n', ("train.pixel_opt.type: 'MaskedNoiseLos'", 'loss')),
     ('      crop_border: 0\n      test_y_channel: false\n    ssim:', '      test_y_channel: false\n    ssim:',
-     'missing key val.metrics.psnr.crop_border (required by calculate_psnr)'),
+     ('missing key val.metrics.psnr.crop_border', 'calculate_psnr')),
 ], ids=['arch', 'optimizer', 'optimizer-type', 'scheduler', 'scheduler-required', 'loss', 'loss-type', 'metric'])
 def test_keyword_typos_get_the_closest_keyword_not_a_type_error(tmp_path, refused, old, new, named):
     text = _options_text(tmp_path)
     assert old in text
     err = refused(_write(tmp_path, text.replace(old, new, 1)))
-    assert named in err, err
+    assert_mentions(err, *named)
     assert 'TypeError' not in err and 'unexpected keyword' not in err
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_sampler_steps_beyond_the_schedule_are_refused_by_the_test_runner(tmp_path):
     text = _options_text(tmp_path, train=False)
@@ -264,26 +264,25 @@ def test_sampler_steps_beyond_the_schedule_are_refused_by_the_test_runner(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_typo_in_network_g_leaves_the_experiment_folder_alone(tmp_path):
     exp = tmp_path / 'experiments' / 'bad'
     exp.mkdir(parents=True)
     (exp / 'train_bad.yml').write_text('the earlier run\n')
     path = _write(tmp_path, _options_text(tmp_path).replace('  norm_groups: 8\n', '  norm_group: 8\n'))
     err = _run_runner(tmp_path, ['-m', 'yoda_plugin', 'train', '-opt', path])  # the tree must not change
-    assert 'network_g.norm_group (did you mean network_g.norm_groups?)' in err
+    assert_mentions(err, 'network_g.norm_group ', 'network_g.norm_groups?')
     assert (exp / 'train_bad.yml').read_text() == 'the earlier run\n'
 
 
 # -- the safe loader -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('tag, why', [('yoda_plugin.os.system', 'yoda_plugin.os is no module of yoda_plugin'),
-                                      ('os.system', 'os is not yoda_plugin'),
-                                      ('yoda_plugin.nothing', "yoda_plugin has no attribute 'nothing'")])
+@pytest.mark.parametrize('tag, why', [('yoda_plugin.os.system', ('yoda_plugin.os ', 'module')),
+                                      ('os.system', ('os ', 'yoda_plugin')),
+                                      ('yoda_plugin.nothing', ("'nothing'",))])
 def test_refused_python_name_tag_says_refused_and_why(tmp_path, tag, why):
     path = _write(tmp_path, f'yoda_plugin: !!python/name:{tag}\n' + _options_text(tmp_path).split('\n', 1)[1])
     with pytest.raises(ValueError) as info:
         load_options(path)
-    assert f'refusing tag !!python/name:{tag}: {why}' in str(info.value) and path in str(info.value)
+    assert_mentions(str(info.value), f'!!python/name:{tag}', *why, path)
 
 
 @pytest.mark.slow

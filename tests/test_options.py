@@ -24,7 +24,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, run_env
+from conftest import PYTHON, REPO, assert_mentions, run_env
 
 import yoda_plugin  # noqa: F401
 from yoda_plugin.runner.option_check import check_option_tree, model_extra_keys, unknown_keys
@@ -157,14 +157,14 @@ def _check_datasets(mopt):
 
 
 @pytest.mark.parametrize('edit, error', [
-    (('diffusion:', 'diffusio:'), 'unknown key diffusio (did you mean diffusion?)'),              # top-level typo
+    (('diffusion:', 'diffusio:'), ('diffusio ', 'diffusion?')),                                   # top-level typo
     (('    dataroot_attention:', '    dataroot_attentoin:'),
-     'unknown key datasets.train.dataroot_attentoin (did you mean datasets.train.dataroot_attention?)'),
-    (('  lower_bound: 0.4', '  lower_bund: 0.4'), 'yoda.lower_bund (did you mean yoda.lower_bound?)'),
+     ('datasets.train.dataroot_attentoin', 'datasets.train.dataroot_attention?')),
+    (('  lower_bound: 0.4', '  lower_bund: 0.4'), ('yoda.lower_bund', 'yoda.lower_bound?')),
     (('  norm_groups: 32', '  norm_groups: 7'), 'norm_groups'),                                    # network value
     (('    psnr: {type: calculate_psnr,', '    psnr: {type: calculate_psnr, weight: 1,'),
      'unknown key val.metrics.psnr.weight'),
-    (('  print_freq: 200', '  print_frq: 200'), 'unknown key logger.print_frq (did you mean logger.print_freq?)'),
+    (('  print_freq: 200', '  print_frq: 200'), ('logger.print_frq', 'logger.print_freq?')),
 ], ids=['top', 'dataset', 'yoda', 'network', 'metric', 'logger'])
 def test_checks_catch_mistakes(tmp_path, edit, error):
     """The checks are not vacuous: one typo in a copy of the main option file fails them."""
@@ -174,7 +174,7 @@ def test_checks_catch_mistakes(tmp_path, edit, error):
     bad.write_text(text.replace(edit[0], edit[1], 1), encoding='utf-8')
     with pytest.raises((AssertionError, ValueError)) as info:
         check_option_file(str(bad), tmp_path)
-    assert error in str(info.value)
+    assert_mentions(str(info.value), *((error,) if isinstance(error, str) else error))
 
 
 def test_model_specific_keys_are_known_along_the_class_hierarchy():

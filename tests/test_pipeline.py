@@ -3,6 +3,7 @@ padding of sizes the network cannot take, tiles and sparse crops as wrappers of 
 import pytest
 import torch
 
+from conftest import mentions
 from reference_ddpm import reference_sample_loop
 from yoda_plugin.archs.sr3_unet_arch import SR3UNet
 from yoda_plugin.archs.srdiff_arch import SRDiffNet
@@ -31,37 +32,37 @@ def inputs(size=16, scale=4, batch=1):
     return lq, lq_up, att
 
 
-@pytest.mark.parametrize('yoda', [False, True])
-@torch.no_grad()
-def test_sr3_pipeline_equals_the_reference_ddpm_loop(yoda):
-    torch.manual_seed(0)
-    net = SR3UNet(**SR3_NET).eval()
-    lq, lq_up, att = inputs()
-    cfg = YODAConfig(enabled=yoda, lower_bound=0.3)
-    pipe = DiffusionSR(net, 'sr3', schedule(), 4, cfg, SamplerConfig(), default_steps=10)
-    out, info = pipe(lq, lq_up, att, torch.Generator().manual_seed(5))
-    grid = pipe.sampler.schedule
+def _sr3_reference(net, lq, lq_up, att, grid):
     cond = lq_up * 2 - 1
     ref = reference_sample_loop(lambda z, k: net(z, cond, grid.gather('sqrt_alphas_cumprod', k, z).view(-1)), grid,
-                                cond, att if yoda else None, 0.3, 'marginal', True, torch.Generator().manual_seed(5))
-    assert torch.equal(out, ((ref + 1) / 2).clamp(0, 1))
-    assert info['sparse_stats'] is None
+                                cond, att, 0.3, 'marginal', True, torch.Generator().manual_seed(5))
+    return ((ref + 1) / 2).clamp(0, 1)
 
 
-@pytest.mark.parametrize('yoda', [False, True])
-@torch.no_grad()
-def test_srdiff_pipeline_equals_the_reference_ddpm_loop(yoda):
-    torch.manual_seed(0)
-    net = SRDiffNet(**SRDIFF_NET).eval()
-    lq, lq_up, att = inputs()
-    cfg = YODAConfig(enabled=yoda, lower_bound=0.3)
-    pipe = DiffusionSR(net, 'srdiff', schedule(), 4, cfg, SamplerConfig(), default_steps=10)
-    out, _ = pipe(lq, lq_up, att, torch.Generator().manual_seed(5))
-    grid = pipe.sampler.schedule
+def _srdiff_reference(net, lq, lq_up, att, grid):
     cond = net.project_condition(net.encode(lq))
     ref = reference_sample_loop(lambda z, k: net.denoise(z, grid.timesteps[k], cond), grid, torch.zeros_like(lq_up),
-                                att if yoda else None, 0.3, 'marginal', True, torch.Generator().manual_seed(5))
-    assert torch.equal(out, (lq_up + ref.clamp(-1, 1) / 4).clamp(0, 1))
+                                att, 0.3, 'marginal', True, torch.Generator().manual_seed(5))
+    return (lq_up + ref.clamp(-1, 1) / 4).clamp(0, 1)
+
+
+BACKBONES = {'sr3': (lambda: SR3UNet(**SR3_NET), _sr3_reference),
+             'srdiff': (lambda: SRDiffNet(**SRDIFF_NET), _srdiff_reference)}
+
+
+@pytest.mark.parametrize('backbone', ['sr3', 'srdiff'])
+@pytest.mark.parametrize('yoda', [False, True])
+@torch.no_grad()
+def test_pipeline_equals_the_reference_ddpm_loop(backbone, yoda):
+    make_net, reference = BACKBONES[backbone]
+    torch.manual_seed(0)
+    net = make_net().eval()
+    lq, lq_up, att = inputs()
+    cfg = YODAConfig(enabled=yoda, lower_bound=0.3)
+    pipe = DiffusionSR(net, backbone, schedule(), 4, cfg, SamplerConfig(), default_steps=10)
+    out, info = pipe(lq, lq_up, att, torch.Generator().manual_seed(5))
+    assert torch.equal(out, reference(net, lq, lq_up, att if yoda else None, pipe.sampler.schedule))
+    assert info['sparse_stats'] is None
 
 
 @pytest.mark.parametrize('backbone', ['sr3', 'srdiff'])
@@ -78,7 +79,7 @@ def test_sizes_the_network_cannot_take_are_padded_and_cropped_back(backbone):
     assert pipe.pad_multiple == 8
     padded = pad_inputs(lq, lq_up, att, pipe.pad_multiple, 4)
     assert [tuple(t.shape[-2:]) for t in padded] == [(4, 4), (16, 16), (16, 16)]
-    with pytest.raises(ValueError, match='does not match the upsampled LR'):
+    with pytest.raises(ValueError, match=mentions('(3, 4)', 'scale 4', '(8, 16)')):
         pad_inputs(lq, lq_up[..., :8, :], None, 8, 4)
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import PYTHON, run_env, tiny_options, train_log, write_options
+from conftest import PYTHON, mentions, run_env, tiny_options, train_log, write_options
 
 from yoda_plugin.runner import patches
 from yoda_plugin.runner.settings import RECORD_FILE, training_settings
@@ -122,7 +122,7 @@ def test_fingerprint_differences_and_records(tmp_path):
         fingerprint.check_record(path, {**flat, 'a.b': 2}, 'maps', 'use another --output', 'rerun with --force')
     assert info.value.keys == ['a.b'] and 'a.b: 1 -> 2' in str(info.value) and '--output' in str(info.value)
     (tmp_path / 'record.json').write_text('{torn')
-    with pytest.raises(ValueError, match='record.json cannot be read'):
+    with pytest.raises(ValueError, match=mentions('record.json', 'read')):
         fingerprint.read_record(path)
     folder = tmp_path / 'out.lmdb'
     folder.mkdir()

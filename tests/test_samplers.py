@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from conftest import mentions
 from reference_ddpm import reference_sample_loop
 from yoda_plugin.core import (SAMPLERS, DDIMSampler, DDPMSampler, DiffusionSchedule, DPMSolverSampler, SamplerConfig,
                               YODAConfig, YODAMask, YODASampler, make_beta_schedule, predict_noise_from_start, sample)
@@ -281,13 +282,13 @@ def test_sampler_config(train_schedule):
     assert int(s.schedule.timesteps[-1]) == 60
     with pytest.raises(ValueError, match='val.sampler.type'):
         SamplerConfig.from_options({'type': 'euler'})
-    with pytest.raises(ValueError, match=r'did you mean val.sampler.steps'):
+    with pytest.raises(ValueError, match=mentions('val.sampler.step', 'val.sampler.steps?')):
         SamplerConfig.from_options({'step': 10})
-    with pytest.raises(ValueError, match='val.sampler.eta is a DDIM option'):
+    with pytest.raises(ValueError, match=mentions('val.sampler.eta', 'DDIM')):
         SamplerConfig.from_options({'type': 'ddpm', 'eta': 0.5})
-    with pytest.raises(ValueError, match=r'val.sampler.steps must be in \[1'):
+    with pytest.raises(ValueError, match=mentions('val.sampler.steps', '[1, ', '100')):
         SamplerConfig(steps=100).build(train_schedule)
-    with pytest.raises(ValueError, match='val.sampler.steps must be a positive integer'):
+    with pytest.raises(ValueError, match=mentions('val.sampler.steps', 'positive integer', 'got 0')):
         SamplerConfig(steps=0)
 
 
@@ -295,5 +296,5 @@ def test_yoda_sampler_refuses_a_mismatched_mask(train_schedule, x):
     sampler = build(train_schedule, 'ddim')
     with pytest.raises(ValueError, match='training steps'):
         YODASampler(sampler, YODAMask(torch.rand(2, 1, 8, 8), 0.3, 100), x)
-    with pytest.raises(ValueError, match='does not match the image'):
+    with pytest.raises(ValueError, match=mentions('(2, 1, 4, 4)', 'image')):
         YODASampler(sampler, YODAMask(torch.rand(2, 1, 4, 4), 0.3, 60), x)

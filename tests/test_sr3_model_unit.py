@@ -7,7 +7,7 @@ from basicsr.data import build_dataset
 from basicsr.models import build_model
 from torch.utils.data import default_collate
 
-from conftest import tiny_options
+from conftest import mentions, tiny_options
 
 
 def model_and_batch(tiny_data, **overrides):
@@ -37,9 +37,9 @@ def test_training_step_and_sampling(tiny_data, amp):
 
 
 def test_amp_option_errors(tiny_data):
-    with pytest.raises(ValueError, match='val.amp must be'):
+    with pytest.raises(ValueError, match=mentions('val.amp', 'bf16', 'fp16', "'int8'")):
         model_and_batch(tiny_data, val__amp='int8')
-    with pytest.raises(ValueError, match='train.amp must be'):
+    with pytest.raises(ValueError, match=mentions('train.amp', 'bf16', 'fp16', "'float16'")):
         model_and_batch(tiny_data, train__amp='float16')
 
 
@@ -80,14 +80,14 @@ def test_sparse_sampling_in_the_model_runs_and_counts(tiny_data):
     assert model.sparse_stats['calls'] > 0
     with pytest.raises(ValueError, match='val.sparse.margn'):
         model_and_batch(tiny_data, val__sparse={'margn': 3})
-    for bad, message in (({'mode': 'tiles'}, 'val.sparse.mode must be one of'),
-                         ({'margin': -1}, 'val.sparse.margin must be an integer >= 0'),
-                         ({'margin': 2.5}, 'val.sparse.margin must be an integer >= 0'),
-                         ({'granularity': 0}, 'val.sparse.granularity must be an integer >= 1'),
-                         ({'region_cost': -5}, 'val.sparse.region_cost must be >= 0'),
-                         ({'max_fraction': 0}, 'val.sparse.max_fraction must be in'),
-                         ({'enabled': 'yes'}, 'val.sparse.enabled must be true or false')):
-        with pytest.raises(ValueError, match=message):
+    for bad, parts in (({'mode': 'tiles'}, ('val.sparse.mode', "'regions'", "'tiles'")),
+                       ({'margin': -1}, ('val.sparse.margin', '>= 0', '-1')),
+                       ({'margin': 2.5}, ('val.sparse.margin', '>= 0', '2.5')),
+                       ({'granularity': 0}, ('val.sparse.granularity', '>= 1', 'got 0')),
+                       ({'region_cost': -5}, ('val.sparse.region_cost', '>= 0', '-5')),
+                       ({'max_fraction': 0}, ('val.sparse.max_fraction', '(0, 1]', 'got 0')),
+                       ({'enabled': 'yes'}, ('val.sparse.enabled', "'yes'"))):
+        with pytest.raises(ValueError, match=mentions(*parts)):
             model_and_batch(tiny_data, val__sparse={'enabled': True, **bad})
 
 
@@ -166,14 +166,14 @@ def test_val_sampler_through_the_model(tiny_data, sampler):
 
 
 def test_bad_val_sampler_options_name_the_key(tiny_data):
-    for bad, message in (({'tpye': 'ddim'}, r'val\.sampler\.tpye \(did you mean val\.sampler\.type\?\)'),
-                         ({'type': 'euler'}, r'val\.sampler\.type must be one of'),
-                         ({'type': 'ddim', 'steps': 0}, r'val\.sampler\.steps must be a positive integer'),
-                         ({'type': 'ddim', 'steps': 101}, r'val\.sampler\.steps must be in \[1, diffusion'),
-                         ({'type': 'ddim', 'eta': 2}, r'val\.sampler\.eta must be a number in \[0, 1\]'),
-                         ({'type': 'ddpm', 'eta': 0.5}, r'val\.sampler\.eta is a DDIM option'),
-                         ('ddim', r'val\.sampler must be a mapping')):
-        with pytest.raises(ValueError, match=message):
+    for bad, parts in (({'tpye': 'ddim'}, ('val.sampler.tpye', 'val.sampler.type')),
+                       ({'type': 'euler'}, ('val.sampler.type', "'ddim'", "'euler'")),
+                       ({'type': 'ddim', 'steps': 0}, ('val.sampler.steps', 'got 0')),
+                       ({'type': 'ddim', 'steps': 101}, ('val.sampler.steps', 'diffusion.num_timesteps=100', '101')),
+                       ({'type': 'ddim', 'eta': 2}, ('val.sampler.eta', '[0, 1]', 'got 2')),
+                       ({'type': 'ddpm', 'eta': 0.5}, ('val.sampler.eta', 'DDIM')),
+                       ('ddim', ('val.sampler', "'ddim'"))):
+        with pytest.raises(ValueError, match=mentions(*parts)):
             model_and_batch(tiny_data, val__sampler=bad)
 
 
@@ -184,18 +184,18 @@ def test_tiled_sampling_is_accepted_for_sr3(tiny_data):
     model.feed_data(batch)
     out = model.sample(seed=0)
     assert out.shape == batch['gt'].shape and bool(torch.isfinite(out).all())
-    with pytest.raises(ValueError, match='val.tile_size must be a positive multiple of 2'):
+    with pytest.raises(ValueError, match=mentions('val.tile_size', 'multiple of 2', '15')):
         model_and_batch(tiny_data, val__tile_size=15, val__tile_overlap=8)
-    with pytest.raises(ValueError, match=r'val\.tile_sise \(did you mean val\.tile_size\?\)'):
+    with pytest.raises(ValueError, match=mentions('val.tile_sise', 'val.tile_size')):
         model_and_batch(tiny_data, val__tile_sise=16)
 
 
 def test_option_sections_refuse_bad_values(tiny_data):
-    for overrides, message in (({'diffusion__variance': 'fixed'}, 'diffusion.variance must be one of'),
-                               ({'diffusion__clip_denoised': 'yes'}, 'diffusion.clip_denoised must be true or false'),
-                               ({'train__nan_policy': 'ignore'}, 'train.nan_policy must be one of'),
-                               ({'val__channels_last': 1}, 'val.channels_last must be true or false')):
-        with pytest.raises(ValueError, match=message):
+    for overrides, parts in (({'diffusion__variance': 'fixed'}, ('diffusion.variance', "'posterior'", "'fixed'")),
+                             ({'diffusion__clip_denoised': 'yes'}, ('diffusion.clip_denoised', "'yes'")),
+                             ({'train__nan_policy': 'ignore'}, ('train.nan_policy', "'skip'", "'ignore'")),
+                             ({'val__channels_last': 1}, ('val.channels_last', 'got 1'))):
+        with pytest.raises(ValueError, match=mentions(*parts)):
             model_and_batch(tiny_data, **overrides)
 
 
@@ -220,5 +220,5 @@ def test_build_pipeline_from_options_is_the_models_pipeline(tiny_data):
     assert opt == before, 'nothing is written into the options'
     with pytest.raises(ValueError, match=r'val\.sampler\.tpye'):
         build_pipeline(model.sampling_net(), opt, sampler={'tpye': 'ddim'})
-    with pytest.raises(ValueError, match='no diffusion SR model'):
+    with pytest.raises(ValueError, match=mentions('model_type', "'SRModel'", 'SR3Model', 'SRDiffModel')):
         build_pipeline(model.sampling_net(), {**opt, 'model_type': 'SRModel'})

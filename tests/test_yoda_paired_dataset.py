@@ -8,7 +8,7 @@ import pytest
 import torch
 from basicsr.data import build_dataset
 
-from conftest import SCALE, synthetic_image
+from conftest import SCALE, mentions, synthetic_image
 from yoda_plugin.attention import build_attention_source
 from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter, make_attention_meta
 from yoda_plugin.data.lmdb_images import write_image_lmdb
@@ -159,3 +159,68 @@ def test_grayscale_source_image_becomes_rgb(tmp_path):
     assert 'attention' not in item
     src = build_attention_source('edge')
     assert src(bicubic_resize(np.repeat(gray[:, :, None], 3, 2), (8, 8))).shape == (8, 8)
+
+
+def test_folder_dataset_skips_folders_named_like_images(tmp_path):
+    import cv2
+    import numpy as np
+    from basicsr.data import build_dataset
+    gt, lq = tmp_path / 'gt', tmp_path / 'lq'
+    for folder, size in ((gt, 32), (lq, 8)):
+        folder.mkdir()
+        cv2.imwrite(str(folder / 'a.png'), np.full((size, size, 3), 128, np.uint8))
+        (folder / 'b.png').mkdir()  # was taken for an image and failed when read
+    ds = build_dataset({'name': 't', 'type': 'YODAPairedDataset', 'phase': 'val', 'scale': 4,
+                        'dataroot_gt': str(gt), 'dataroot_lq': str(lq), 'io_backend': {'type': 'disk'}})
+    assert ds.keys == ['a'] and ds[0]['gt'].shape == (3, 32, 32)
+
+
+# -- BasicSR's meta_info_file (a subset of an LMDB) -------------------------------------------------------------------
+
+def _train_opt(root, **kw):
+    return ds_opt(root, 'train', phase='val', **kw)
+
+
+def test_meta_info_file_selects_a_subset(tiny_data, tmp_path):
+    from basicsr.data import build_dataset
+    subset = tmp_path / 'subset.txt'
+    subset.write_text('train_03.png (32,32,3) 1\n\ntrain_01.png (32,32,3) 1\n')  # BasicSR's meta_info layout
+    ds = build_dataset(_train_opt(tiny_data, meta_info_file=str(subset)))
+    assert ds.keys == ['train_03', 'train_01'] and len(ds) == 2
+    assert ds[0]['key'] == 'train_03' and ds[1]['key'] == 'train_01'
+    full = build_dataset(_train_opt(tiny_data))
+    assert torch.equal(ds[1]['gt'], full[1]['gt'])
+    (tmp_path / 'names.txt').write_text('train_05.png\n')  # folder-style: just file names
+    assert build_dataset(_train_opt(tiny_data, meta_info_file=str(tmp_path / 'names.txt'))).keys == ['train_05']
+
+
+def test_meta_info_file_errors_name_the_file_and_keys(tiny_data, tmp_path):
+    from basicsr.data import build_dataset
+    bad = tmp_path / 'bad.txt'
+    bad.write_text('train_01.png (32,32,3) 1\nnope_7.png (32,32,3) 1\nnope_9.png\n')
+    with pytest.raises(KeyError) as info:
+        build_dataset(_train_opt(tiny_data, meta_info_file=str(bad)))
+    msg = str(info.value)
+    assert 'bad.txt' in msg and "lists 2 key(s)" in msg and "'nope_7'" in msg and "'nope_9'" in msg
+    with pytest.raises(FileNotFoundError, match=mentions('meta_info_file', 'absent.txt')):
+        build_dataset(_train_opt(tiny_data, meta_info_file=str(tmp_path / 'absent.txt')))
+    empty = tmp_path / 'empty.txt'
+    empty.write_text('\n')
+    with pytest.raises(ValueError, match=mentions('meta_info_file', 'empty.txt', 'no keys')):
+        build_dataset(_train_opt(tiny_data, meta_info_file=str(empty)))
+
+
+def test_meta_info_file_needs_attention_maps_of_the_subset_only(tiny_data, tmp_path):
+    import numpy as np
+    from basicsr.data import build_dataset
+
+    from yoda_plugin.data.attention_lmdb import AttentionLMDBWriter, make_attention_meta
+    att = str(tmp_path / 'part_att.lmdb')
+    with AttentionLMDBWriter(att, make_attention_meta({'name': 'edge'}, grid='lr')) as w:
+        w.put('train_02', np.full((8, 8), 0.5, np.float32))
+    with pytest.raises(KeyError, match=mentions('part_att.lmdb', '5 image key(s)')):
+        build_dataset(_train_opt(tiny_data, dataroot_attention=att))
+    subset = tmp_path / 'subset.txt'
+    subset.write_text('train_02.png (32,32,3) 1\n')
+    ds = build_dataset(_train_opt(tiny_data, dataroot_attention=att, meta_info_file=str(subset)))
+    assert len(ds) == 1 and float(ds[0]['attention'].mean()) == pytest.approx(0.5, abs=1e-3)

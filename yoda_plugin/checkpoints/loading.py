@@ -4,13 +4,14 @@
 the inference API use; it recognises the published layouts of
 :mod:`.public` and maps them onto the network.
 """
+import os
 from collections import OrderedDict
 
 import torch
 from basicsr.utils import get_root_logger
 
 from ..utils.torch_io import load_checkpoint
-from .public import FORMATS, detect_format, fit_network
+from .public import FORMATS, detect_format, fit_network, missing_published_weights
 
 
 def _strip_module(state) -> OrderedDict:
@@ -21,15 +22,20 @@ def _strip_module(state) -> OrderedDict:
 MIN_LOADED_SHARE = 0.5
 
 
-def load_network_weights(net, load_path: str, param_key='params', strict: bool = True, trusted: bool = False):
+def load_network_weights(net, load_path: str, param_key='params', strict: bool = True, trusted: bool = False,
+                         loaded=None):
     """Load a BasicSR checkpoint (``{"params": ..., "params_ema": ...}``) into ``net``, with errors that say why not.
 
     ``param_key`` missing falls back to ``params``; ``trusted`` loads with ``weights_only=False``; not ``strict``
     skips keys the network lacks or holds in another shape, listing each in a warning, and refuses a file that
     fills less than half of the network's tensors. The published SR3 (Janspiry) and SRDiff files are recognised
-    and mapped onto ``net`` (:mod:`yoda_plugin.checkpoints`); ``param_key`` does not apply to them.
+    and mapped onto ``net`` (:mod:`yoda_plugin.checkpoints`); ``param_key`` does not apply to them. A missing
+    published file gets an error saying where it is published and how to convert it. ``loaded``: the file's
+    content when the caller has already loaded it (``load_path`` then only names it).
     """
-    state = load_checkpoint(load_path, weights_only=not trusted)
+    if loaded is None and not os.path.isfile(load_path):
+        raise missing_published_weights(load_path) or FileNotFoundError(f'checkpoint not found: {load_path}')
+    state = load_checkpoint(load_path, weights_only=not trusted) if loaded is None else loaded
     public = detect_format(state)
     if public in FORMATS:
         state = fit_network(net, state, load_path, public, strict, warn=get_root_logger().warning)

@@ -60,6 +60,40 @@ _SR3_PUBLISHED = {
 _SR3_SCHEDULE = {'schedule': 'linear', 'num_timesteps': 2000, 'linear_start': 1.0e-6, 'linear_end': 1.0e-2}
 _SRDIFF_SCHEDULE = {'schedule': 'cosine', 'cosine_s': 0.008, 'num_timesteps': 100}
 
+# The published files the option files of options/pretrained/ expect, by file name: (what, where it is published,
+# format). A missing one gets an error naming the file, where to get it and the command that converts it.
+_JANSPIRY_README = ('https://github.com/Janspiry/Image-Super-Resolution-via-Iterative-Refinement, README '
+                    '"Pretrained Model"')
+PUBLISHED_FILES = {
+    'I640000_E37_gen.pth': ('SR3 16->128 faces', f'{_JANSPIRY_README}, row 16x16 -> 128x128 (Google Drive or Baidu '
+                                                 'Yun, code qwer), the *_gen.pth file', JANSPIRY_SR3),
+    'sr3_64_512_gen.pth': ('SR3 64->512 faces', f'{_JANSPIRY_README}, row 64x64 -> 512x512, the *_gen.pth file',
+                           JANSPIRY_SR3),
+    'model_ckpt_steps_400000.ckpt': ('SRDiff 4x DIV2K', 'https://github.com/LeiaLi/SRDiff release v1.0.0, '
+                                                        'srdiff_pretrained_div2k/model_ckpt_steps_400000.ckpt', SRDIFF),
+}
+# The folders docs/published-weights.md puts them in (a converted file there, e.g. basicsr.pth, is recognised too).
+PUBLISHED_FOLDERS = {'sr3_16_128': 'I640000_E37_gen.pth', 'sr3_64_512': 'sr3_64_512_gen.pth',
+                     'srdiff_pretrained_div2k': 'model_ckpt_steps_400000.ckpt'}
+
+
+def missing_published_weights(path: str) -> Optional[FileNotFoundError]:
+    """For a missing ``path`` that names a published file (or a file in its folder): the error that says which
+    file it expects, where it is published and the command that converts it; None for any other path."""
+    name = os.path.basename(path)
+    folder = os.path.dirname(path)
+    original = name if name in PUBLISHED_FILES else PUBLISHED_FOLDERS.get(os.path.basename(folder))
+    if original is None:
+        return None
+    what, where, fmt = PUBLISHED_FILES[original]
+    source = os.path.join(folder, original)
+    converted = path if name != original else os.path.join(folder, 'basicsr.pth')
+    return FileNotFoundError(
+        f'checkpoint not found: {path}: it expects the published {what} weights, the file {original} from {where} '
+        f'(nothing is downloaded); put it at {source} and load it as it is, or convert it once with: python '
+        f'scripts/convert_checkpoint.py --format {fmt} {source} {converted} (docs/published-weights.md)')
+
+
 _LABELS = {(JANSPIRY_SR3, 'additive'): 'Janspiry SR3 checkpoint (denoise_fn.*, additive noise conditioning)',
            (JANSPIRY_SR3, 'scale-shift'): 'Janspiry SR3 checkpoint (denoise_fn.*, scale-shift noise conditioning '
                                           'of the older use_affine_level revision)',
@@ -565,9 +599,11 @@ LAYOUTS = {
 
 def convert_checkpoint(in_path: str, out_path: str, fmt: Optional[str] = None, force: bool = False,
                        trusted: bool = False, image_size: Optional[int] = None, norm_groups: Optional[int] = None,
-                       dropout: Optional[float] = None) -> PublicCheckpoint:
+                       dropout: Optional[float] = None, scale: Optional[int] = None) -> PublicCheckpoint:
     """Read the public checkpoint ``in_path`` and write it as a BasicSR checkpoint (``params`` and
-    ``params_ema``, the same weights: neither code base keeps an EMA) to ``out_path``, atomically.
+    ``params_ema``, the same weights: neither code base keeps an EMA) to ``out_path``, atomically, with the
+    record that rebuilds its network and pipeline (``yoda_record``; written when the scale is known: ``scale``,
+    or the published configuration's, see :func:`public_scale`).
 
     ``out_path`` is never overwritten unless ``force``, and never when it is ``in_path``. Returns the read
     checkpoint; :meth:`PublicCheckpoint.option_blocks` gives the option blocks for the written file.
@@ -582,8 +618,44 @@ def convert_checkpoint(in_path: str, out_path: str, fmt: Optional[str] = None, f
     state = OrderedDict((k, v.detach().clone().contiguous()) for k, v in state.items())
     folder = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(folder, exist_ok=True)
-    atomic_torch_save({'params': state, 'params_ema': state}, out_path)
+    saved = {'params': state, 'params_ema': state}
+    record = public_record(ckpt, in_path, scale)
+    if record is not None:  # rebuilds network and pipeline without an option file (YODAResolver.from_checkpoint)
+        saved['yoda_record'] = record
+    atomic_torch_save(saved, out_path)
     return ckpt
+
+
+# What the published files were trained with, beyond their weights: the model class, the resize of up(LR).
+_MODEL_TYPES = {'SR3UNet': 'SR3Model', 'SRDiffNet': 'SRDiffModel'}
+_RESIZE = {JANSPIRY_SR3: 'pil', SRDIFF: 'matlab'}  # their data: Pillow bicubic (SR3), MATLAB imresize (SRDiff)
+PUBLISHED_SR3_SCALE = 8  # both published SR3 configurations (16->128, 64->512)
+
+
+def public_scale(ckpt: PublicCheckpoint, scale: Optional[int] = None) -> Optional[int]:
+    """The SR scale of a read public checkpoint: ``scale`` if given, SRDiffNet's own, 8 for a published SR3
+    layout; None when the weights cannot tell (an SR3 U-Net of another configuration)."""
+    if scale is not None:
+        return int(scale)
+    if 'scale' in ckpt.network_g:
+        return int(ckpt.network_g['scale'])
+    return PUBLISHED_SR3_SCALE if ckpt.format == JANSPIRY_SR3 and ckpt.published else None
+
+
+def public_record(ckpt: PublicCheckpoint, source: str, scale: Optional[int] = None) -> Optional[dict]:
+    """The record (:mod:`.record`) of a converted public checkpoint: its network, diffusion and backbone
+    sections, YODA off (vanilla weights), no attention source, the resize of its data; None when the scale is
+    unknown (see :func:`public_scale`)."""
+    from .record import make_record
+    scale = public_scale(ckpt, scale)
+    if scale is None:
+        return None
+    opt = {'model_type': _MODEL_TYPES[ckpt.network_g['type']], 'scale': scale, 'network_g': dict(ckpt.network_g),
+           'diffusion': dict(ckpt.diffusion), 'yoda': None,
+           'datasets': {'test': {'resize': _RESIZE[ckpt.format]}},
+           **{k: dict(v) for k, v in ckpt.extra_sections.items()}}
+    return make_record(opt, converted_from={'file': os.path.basename(source), 'format': ckpt.format,
+                                            'layout': ckpt.label, 'published': ckpt.published, 'notes': ckpt.notes})
 
 
 def count_parameters(network_g: dict) -> Tuple[int, int]:

@@ -102,7 +102,7 @@ def summary_table(rows: List[dict], bicubic: dict, iters: int) -> str:
         if not last:
             continue
         mean_first = first_within({it: v['psnr'][0] for it, v in curve.items()}, target)
-        seeds = sorted({r['seed'] for r in rows if r['method'] == method})
+        seeds = sorted({r['seed'] for r in rows if r['method'] == method and r['iter'] == iters})
         per_seed = [first_within({r['iter']: r['psnr'] for r in rows if r['method'] == method and r['seed'] == s},
                                  target) for s in seeds]
         cells = [f'{last[m][0]:.4f} ± {last[m][1]:.4f}' if m in last else '-' for m in CURVE_METRICS]
@@ -133,10 +133,6 @@ def plot_curves(rows: List[dict], bicubic: dict, path: str) -> str:
         ax.set_title(metric + (' (lower is better)' if metric in stability.LOWER_IS_BETTER else ''))
         ax.set_xlabel('iteration')
         ax.grid(alpha=0.3)
-    lo = min((v['psnr'][2] for c in by_method.values() for v in c.values() if 'psnr' in v), default=0)
-    axes[0].set_ylim(max(lo, bicubic['psnr'] - 8), None)  # early noise-level points would hide the end
-    lo = min((v['lr_psnr'][2] for c in by_method.values() for v in c.values() if 'lr_psnr' in v), default=0)
-    axes[3].set_ylim(max(lo, 25), None)
     axes[0].legend(fontsize=8)
     seeds = sorted({r['seed'] for r in rows})
     fig.suptitle(f'Demo learning curves (mean over seeds {seeds}, band = min..max)')
@@ -212,22 +208,14 @@ def check_psnr(checkpoint: str, method: str, lr, hr) -> float:
 
 def checkpoint_record(opt: dict, plan: stability.StabilityPlan, method: str, seed: int, metrics: dict) -> dict:
     """What rebuilding the network and pipeline needs, and how the weights were made (plain types only)."""
+    from yoda_plugin.checkpoints.record import make_record  # the one schema (format 1)
     val = opt['datasets']['val']
-    return stability._plain({
-        'format': 1,
-        'model_type': opt['model_type'],
-        'scale': opt['scale'],
-        'network_g': opt['network_g'],
-        'diffusion': opt['diffusion'],
-        'yoda': opt['yoda'],
-        'attention': val.get('attention_meta', {}),
-        'resize': val.get('resize', 'pil'),
-        'sampler': opt['val'].get('sampler'),
-        'training': {'iterations': plan.iters, 'seed': seed, 'batch': plan.batch_sizes[0], 'method': method,
-                     'yoda_trained': method == 'yoda', 'options': os.path.basename(plan.options),
-                     'command': 'python scripts/benchmark_convergence.py (docs/convergence.md)'},
-        'validation': {'dataset': val['name'], 'iteration': plan.iters, **metrics},
-    })
+    return make_record(
+        opt,
+        training={'iterations': plan.iters, 'seed': seed, 'batch': plan.batch_sizes[0], 'method': method,
+                  'yoda_trained': method == 'yoda', 'options': os.path.basename(plan.options),
+                  'command': 'python scripts/benchmark_convergence.py (docs/convergence.md)'},
+        validation={'dataset': val['name'], 'iteration': plan.iters, **metrics})
 
 
 def run_benchmark(plan: ConvergencePlan, log=print, export_dir: Optional[str] = None, export_seed: int = 0,

@@ -332,6 +332,13 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
         """YODA's share of pixel updates versus full diffusion for the fed batch (1.0 when off)."""
         return self.pipeline.update_ratio(self.attention)
 
+    def checkpoint_record(self) -> dict:
+        """What ``net_g_*.pth`` records beside its weights (:mod:`yoda_plugin.checkpoints.record`): the options
+        that rebuild network and pipeline, and the run and iteration that made them."""
+        from ..checkpoints.record import make_record
+        return make_record(self.opt, training={'name': self.opt.get('name'),
+                                               'iteration': getattr(self, 'last_iter', None)})
+
     def get_current_visuals(self):
         out = OrderedDict(lq=self.lq.detach().cpu(), lq_up=self.lq_up.detach().cpu(), result=self.output.detach().cpu())
         if hasattr(self, 'gt'):

@@ -123,7 +123,8 @@ class CheckpointMixin:
 
     @master_only
     def save_network(self, net, net_label, current_iter, param_key='params'):
-        """BasicSR's layout (``params`` / ``params_ema``), written atomically."""
+        """BasicSR's layout (``params`` / ``params_ema``) plus the model's ``checkpoint_record()`` (``yoda_record``),
+        written atomically."""
         if current_iter == -1:
             current_iter = 'latest'
         nets = net if isinstance(net, list) else [net]
@@ -137,6 +138,9 @@ class CheckpointMixin:
             if bad:  # never write a checkpoint that a resume (or a user) would take for a good one
                 raise FloatingPointError(f'refusing to save {path}: {len(bad)} tensor(s) of {key} hold NaN or Inf '
                                          f'(e.g. {bad[:4]}); the previous checkpoints are kept')
+        record = getattr(self, 'checkpoint_record', None)
+        if record is not None:  # beside the weights: what rebuilds network and pipeline (BasicSR ignores it)
+            save_dict['yoda_record'] = record()
         atomic_torch_save(save_dict, path)
 
     @master_only
