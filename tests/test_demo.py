@@ -60,9 +60,9 @@ def test_demo_pipeline_is_deterministic(tmp_path):
         assert '(2 CPU threads)' in proc.stdout
         table = [m.group(1) for m in re.finditer(r'^  (bicubic|SR3 \+ YODA|SR3) +[0-9]', proc.stdout, re.M)]
         assert table == ['bicubic', 'SR3', 'SR3 + YODA'] * 2  # converged models, then trained from scratch
-        assert 'converged models (shipped in yoda_plugin/weights' in proc.stdout
+        assert 'shipped models (yoda_plugin/weights' in proc.stdout
         figure = root / 'results' / 'demo_comparison' / 'demo_comparison.png'
-        assert f'converged models): {figure}' in proc.stdout
+        assert f'shipped models): {figure}' in proc.stdout
         run = {'figure': figure.read_bytes(), 'table': json.loads((figure.parent / 'demo_table.json').read_text())}
         for exp, test in (('demo_SR3_x4', 'demo_test_SR3_x4'), ('demo_SR3_YODA_x4', 'demo_test_SR3_YODA_x4')):
             run[exp] = torch.load(root / 'experiments' / exp / 'models' / 'net_g_latest.pth', weights_only=True)

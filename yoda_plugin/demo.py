@@ -7,14 +7,14 @@
    validation crops of held-out photos), LR by Pillow bicubic, written as
    BasicSR LMDBs (``datasets/demo``), with edge-based attention maps computed
    by ``scripts/precompute_attention.py`` as a user would.
-2. Tests the converged demo models that ship with the plugin
+2. Tests the trained (not converged) demo models that ship with the plugin
    (``yoda_plugin/weights``: vanilla SR3 and SR3 + YODA, made by
    ``scripts/benchmark_convergence.py``) through BasicSR's test pipeline.
 3. Trains both from scratch for a few hundred iterations through BasicSR's
    training pipeline (with validation) and tests them: the whole pipeline at
    work, far from converged.
 4. Prints both tables next to the bicubic baseline on the same images, a
-   side-by-side figure of the converged models, and where images, logs,
+   side-by-side figure of the shipped models, and where images, logs,
    checkpoints and tensorboard files are.
 """
 import argparse
@@ -205,7 +205,7 @@ def main(argv=None):
                         help="iterations of the from-scratch training (default: the option files' train.total_iter; "
                              '0: skip it)')
     parser.add_argument('--no-converged', action='store_true',
-                        help='skip the shipped converged models (only the from-scratch training)')
+                        help='skip the shipped trained models (only the from-scratch training)')
     parser.add_argument('--rebuild-data', action='store_true', help='rebuild datasets/demo even if present')
     parser.add_argument('--threads', type=int, default=2,
                         help='CPU threads of every step (default 2): float sums depend on the thread count, so the '
@@ -280,28 +280,28 @@ MAKE_WEIGHTS = ('python scripts/benchmark_convergence.py --root runs/convergence
 
 
 class ShippedCheckpointError(RuntimeError):
-    """A converged demo checkpoint is missing, unreadable or does not fit the demo's options."""
+    """A shipped demo checkpoint is missing, unreadable or does not fit the demo's options."""
 
 
 def shipped_checkpoint(method: str, network_g: dict) -> dict:
-    """Check the shipped converged checkpoint of ``method``; return its record (``yoda_record``)."""
+    """Check the shipped checkpoint of ``method``; return its record (``yoda_record``)."""
     import torch
     path = os.path.join(WEIGHTS_DIR, SHIPPED[method])
     remake = f'restore it (git checkout -- yoda_plugin/weights) or remake it: {MAKE_WEIGHTS}'
     if not os.path.isfile(path):
-        raise ShippedCheckpointError(f'the converged demo checkpoint {path} is missing: {remake}')
+        raise ShippedCheckpointError(f'the shipped demo checkpoint {path} is missing: {remake}')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # any unpickling/zip error: the file is damaged
-        raise ShippedCheckpointError(f'the converged demo checkpoint {path} cannot be read '
+        raise ShippedCheckpointError(f'the shipped demo checkpoint {path} cannot be read '
                                      f'({type(err).__name__}: {str(err).splitlines()[0][:160]}): {remake}') from err
     if not isinstance(state, dict) or 'params_ema' not in state or 'yoda_record' not in state:
-        raise ShippedCheckpointError(f'the converged demo checkpoint {path} lacks params_ema or yoda_record: {remake}')
+        raise ShippedCheckpointError(f'the shipped demo checkpoint {path} lacks params_ema or yoda_record: {remake}')
     record = state['yoda_record']
     theirs = {k: v for k, v in record.get('network_g', {}).items()}
     differ = sorted(k for k in set(theirs) | set(network_g) if theirs.get(k) != network_g.get(k))
     if differ:
-        raise ShippedCheckpointError(f'the converged demo checkpoint {path} was made for another network '
+        raise ShippedCheckpointError(f'the shipped demo checkpoint {path} was made for another network '
                                      f'(network_g keys differ: {differ}): {remake}')
     return dict(record, path=path)
 
@@ -410,7 +410,7 @@ def run_demo(root, args):
 
     converged = []
     for key, label, _, test_file in METHODS if records else ():
-        print(f'[demo] === {label}: the converged model that ships with the plugin ===', flush=True)
+        print(f'[demo] === {label}: the trained model that ships with the plugin (not converged; docs/convergence.md) ===', flush=True)
         converged.append((label, evaluate_checkpoint(root, os.path.join(opts, test_file), records[key]['path'],
                                                  CONVERGED_SUFFIX)))
     scratch = []
@@ -428,7 +428,7 @@ def run_demo(root, args):
     if converged:
         trained = records['yoda']['training']['iterations']
         out_table['converged'] = print_table(
-            f'\n  converged models (shipped in yoda_plugin/weights, {trained} iterations of batch '
+            f'\n  shipped models (yoda_plugin/weights, {trained} iterations of batch '
             f'{records["yoda"]["training"]["batch"]} on this recipe; docs/convergence.md):', baseline, converged, names)
     if scratch:
         out_table['from_scratch'] = print_table(
@@ -442,11 +442,11 @@ def run_demo(root, args):
     figure = comparison_figure(root, shown, os.path.join(out, 'demo_comparison.png'))
     with open(os.path.join(out, 'demo_table.json'), 'w', encoding='utf-8') as f:
         json.dump(out_table, f, indent=2)
-    which = 'converged models' if converged else f'models trained {iters} iterations'
+    which = 'shipped models' if converged else f'models trained {iters} iterations'
     print(f'\n[demo] side-by-side figure (LR, bicubic, SR3, SR3 + YODA, HR, attention; {which}): {figure}')
     print(f'[demo] finished in {time.time() - start:.0f} s ({args.threads} CPU threads). Where things are:')
     for label, run in converged + scratch:
-        print(f'  {label}{" (converged)" if run["experiment"] is None else " (from scratch)"}:')
+        print(f'  {label}{" (shipped)" if run["experiment"] is None else " (from scratch)"}:')
         if run['experiment']:
             print(f'    training log, options copy : {run["experiment"]}')
             print(f'    checkpoints                : {run["experiment"]}/models (net_g_*.pth: params + params_ema)')
