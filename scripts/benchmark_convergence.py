@@ -48,7 +48,7 @@ def main(argv=None):
     from yoda_plugin.core.samplers import SamplerConfig
     from yoda_plugin.demo import DemoRefusal
     from yoda_plugin.experiments.convergence import ConvergencePlan, ForeignRoot, run_benchmark
-    from yoda_plugin.experiments.stability import PlanMismatch, parse_override
+    from yoda_plugin.experiments.stability import PlanMismatch, parse_override, run_resumable
     try:
         plan = ConvergencePlan(root=os.path.abspath(args.root), iters=args.iters, eval_every=args.eval_every,
                                seeds=args.seeds, methods=args.methods, batch=args.batch,
@@ -60,16 +60,9 @@ def main(argv=None):
         build_parser().error(str(err))
     if args.export and args.export_seed not in args.seeds:
         build_parser().error(f'--export-seed {args.export_seed} is not among --seeds {args.seeds}')
-    try:
-        run_benchmark(plan, export_dir=args.export, export_seed=args.export_seed,
-                      overwrite_export=args.overwrite_export)
-    except (ForeignRoot, PlanMismatch, DemoRefusal, FileExistsError, RuntimeError) as err:
-        print(f'[convergence] error: {err}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('[convergence] interrupted: rerun the same command to resume', file=sys.stderr)
-        return 130
-    return 0
+    def action():
+        run_benchmark(plan, export_dir=args.export, export_seed=args.export_seed, overwrite_export=args.overwrite_export)
+    return run_resumable('convergence', action, (ForeignRoot, PlanMismatch, DemoRefusal, FileExistsError, RuntimeError))
 
 
 if __name__ == '__main__':

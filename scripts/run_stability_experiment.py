@@ -72,19 +72,14 @@ def main(argv=None):
     except ValueError as err:
         build_parser().error(str(err))
     from yoda_plugin.demo import DemoRefusal, build_demo_data
-    from yoda_plugin.experiments.stability import PlanMismatch
-    try:
+    from yoda_plugin.experiments.stability import PlanMismatch, run_resumable
+
+    def action():
         if args.demo:
             os.makedirs(root, exist_ok=True)
             build_demo_data(root)
         run_experiment(plan)
-    except (DemoRefusal, PlanMismatch, RuntimeError) as err:
-        print(f'[stability] error: {err}', file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print('[stability] interrupted: rerun the same command to resume', file=sys.stderr)
-        return 130
-    return 0
+    return run_resumable('stability', action, (DemoRefusal, PlanMismatch, RuntimeError))
 
 
 if __name__ == '__main__':

@@ -148,3 +148,40 @@ def test_yoda_config_from_options():
     assert YODAConfig.from_options({'enabled': False}).mask(torch.rand(1, 1, 4, 4), 100) is None
 
 
+
+
+def test_eps_prediction_targets_the_noise_and_passes_outputs_through():
+    schedule = DiffusionSchedule(make_beta_schedule('linear', 100, 1e-4, 0.05))
+    assert schedule.prediction == 'eps' and schedule.respace(10).prediction == 'eps'
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    out = training_inputs(schedule, x0, None, True, torch.Generator().manual_seed(2))
+    assert out['target'] is out['noise']
+    pred = torch.randn_like(x0)
+    assert schedule.noise_from_output(pred, out['z_in'], out['noise_level']) is pred
+
+
+def test_v_prediction_hand_checked_and_inverted():
+    """v = g eps - sqrt(1 - g^2) x0 (Salimans & Ho 2022) at g = 0.6 (sqrt(1 - g^2) = 0.8), and eps back from v."""
+    schedule = DiffusionSchedule(make_beta_schedule('linear', 100, 1e-4, 0.05), prediction='v')
+    x0, eps, g = torch.tensor([[[[0.5]]]]), torch.tensor([[[[1.0]]]]), torch.tensor([0.6])
+    v = schedule.training_target(g, x0, eps)
+    assert torch.allclose(v, torch.tensor(0.6 * 1.0 - 0.8 * 0.5))  # 0.2
+    z_t = 0.6 * x0 + 0.8 * eps  # Eq. 3
+    assert torch.allclose(schedule.noise_from_output(v, z_t, g), eps)
+    # The x0 the samplers then recover (Eq. 3 inverted) is g z - sqrt(1 - g^2) v, without 1/g amplification.
+    assert torch.allclose((z_t - 0.8 * eps) / 0.6, 0.6 * z_t - 0.8 * v)
+
+
+def test_v_prediction_training_inputs_and_respacing():
+    schedule = DiffusionSchedule(make_beta_schedule('linear', 100, 1e-4, 0.05), prediction='v')
+    assert schedule.respace(10).prediction == 'v'
+    x0 = torch.rand(16, 3, 8, 8) * 2 - 1
+    out = training_inputs(schedule, x0, None, True, torch.Generator().manual_seed(3))
+    eps = torch.Generator().manual_seed(3)
+    ref = training_inputs(DiffusionSchedule(make_beta_schedule('linear', 100, 1e-4, 0.05)), x0, None, True, eps)
+    for key in ('z_in', 'noise', 'k', 'noise_level'):  # the same draw; only the target differs
+        assert torch.equal(out[key], ref[key]), key
+    back = schedule.noise_from_output(out['target'], out['z_in'], out['noise_level'])
+    assert torch.allclose(back, out['noise'], atol=1e-5)
+    with pytest.raises(ValueError, match=mentions('diffusion.prediction', "'x0'")):
+        DiffusionSchedule(make_beta_schedule('linear', 10), prediction='x0')

@@ -222,3 +222,46 @@ def test_build_pipeline_from_options_is_the_models_pipeline(tiny_data):
         build_pipeline(model.sampling_net(), opt, sampler={'tpye': 'ddim'})
     with pytest.raises(ValueError, match=mentions('model_type', "'SRModel'", 'SR3Model', 'SRDiffModel')):
         build_pipeline(model.sampling_net(), {**opt, 'model_type': 'SRModel'})
+
+
+def test_v_prediction_trains_on_v_and_samples_through_eps(tiny_data):
+    """diffusion.prediction: v changes the loss target and the sampler's eps, nothing else (same draws)."""
+    from yoda_plugin.core import training_inputs
+    torch.manual_seed(0)
+    model, batch = model_and_batch(tiny_data, diffusion__prediction='v')
+    assert model.schedule.prediction == 'v' and model.pipeline.sampler.schedule.prediction == 'v'
+    model.feed_data(batch)
+    adapter = model.train_adapter()
+    inputs = training_inputs(model.schedule, adapter.to_space(model.gt), None, True, torch.Generator().manual_seed(0))
+    g = inputs['noise_level'].view(-1, 1, 1, 1)
+    assert torch.allclose(inputs['target'], g * inputs['noise'] - (1 - g * g).sqrt() * adapter.to_space(model.gt))
+    model.optimize_parameters(1)
+    assert torch.isfinite(torch.as_tensor(model.get_current_log()['l_pix']))
+    k = torch.full((2, ), 3)
+    z = torch.randn_like(model.gt)
+    sampling = model.make_adapter(model.get_bare_model(model.net_g), model.pipeline.sampler.schedule, None, False)
+    raw = sampling.network_output(z, k)
+    level = model.pipeline.sampler.schedule.noise_level(k).float().view(-1, 1, 1, 1)
+    assert torch.allclose(sampling.net_fn(z, k), level * raw + (1 - level * level).sqrt() * z, atol=1e-6)
+    out = model.sample(seed=0)
+    assert out.shape == batch['gt'].shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    with pytest.raises(ValueError, match=mentions('diffusion.prediction', "'velocity'")):
+        model_and_batch(tiny_data, diffusion__prediction='velocity')
+
+
+def test_ema_warmup_follows_the_network_early_and_caps_at_ema_decay(tiny_data):
+    from yoda_plugin.models.base_model import ema_decay_at
+    assert ema_decay_at(0.999, 0, True) == 0.1 and ema_decay_at(0.999, 1, True) == 2 / 11
+    assert ema_decay_at(0.999, 100000, True) == 0.999 and ema_decay_at(0.999, 1, False) == 0.999
+    torch.manual_seed(0)
+    model, batch = model_and_batch(tiny_data, train__ema_decay=0.999, train__ema_warmup=True)
+    ema_before = {k: v.clone() for k, v in model.net_g_ema.state_dict().items()}
+    model.feed_data(batch)
+    model.optimize_parameters(1)
+    net = model.net_g.state_dict()
+    for name, ema in model.net_g_ema.state_dict().items():
+        if ema.is_floating_point():
+            expected = ema_before[name] * (2 / 11) + net[name] * (9 / 11)
+            assert torch.allclose(ema, expected, atol=1e-6), name
+    with pytest.raises(ValueError, match=mentions('train.ema_warmup', "'yes'")):
+        model_and_batch(tiny_data, train__ema_warmup='yes')

@@ -34,7 +34,7 @@ from yoda_plugin.core.colour_fix import check_colour_fix
 from yoda_plugin.core.options import build_section, check_bool, is_int, is_number
 from yoda_plugin.core.pipeline import DiffusionSR
 from yoda_plugin.core.samplers import VARIANCE_TYPES, SamplerConfig
-from yoda_plugin.core.schedule import SCHEDULES, DiffusionSchedule, make_beta_schedule
+from yoda_plugin.core.schedule import PREDICTIONS, SCHEDULES, DiffusionSchedule, make_beta_schedule
 from yoda_plugin.core.sparse import SparseConfig
 from yoda_plugin.core.tiling import TilingConfig
 from yoda_plugin.core.yoda import YODAConfig
@@ -48,7 +48,8 @@ DEFAULT_NAN_SKIP_LIMIT = 10  # consecutive skipped steps (train.nan_skip_limit) 
 class DiffusionConfig:
     """The ``diffusion`` section. Defaults: SR3's 2000-step linear schedule (1e-6 .. 1e-2) compressed to
     500 steps (the same end point, abar_T = exp(-10)), sampled on 200 (the paper's T_train and T_eval).
-    ``sample_steps`` null: all T steps (SRDiff's default)."""
+    ``sample_steps`` null: all T steps (SRDiff's default). ``prediction``: what the network predicts, the noise
+    eps (the paper) or the velocity v (Salimans & Ho 2022; faster to train, see docs/convergence.md)."""
     schedule: str = 'linear'
     num_timesteps: int = 500
     linear_start: float = 4e-6
@@ -58,6 +59,7 @@ class DiffusionConfig:
     variance: str = 'posterior'
     clip_denoised: bool = True
     continuous_noise_level: bool = True
+    prediction: str = 'eps'
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -76,6 +78,9 @@ class DiffusionConfig:
             raise ValueError(f'diffusion.variance must be one of {VARIANCE_TYPES}, got {self.variance!r}')
         check_bool(self.clip_denoised, 'diffusion.clip_denoised')
         check_bool(self.continuous_noise_level, 'diffusion.continuous_noise_level')
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f'diffusion.prediction must be one of {PREDICTIONS} (the noise, as the paper, or the '
+                             f'velocity v), got {self.prediction!r}')
 
     @classmethod
     def from_options(cls, opt: Optional[dict], defaults: Optional[dict] = None,
@@ -87,7 +92,7 @@ class DiffusionConfig:
 
     def training_schedule(self) -> DiffusionSchedule:
         return DiffusionSchedule(make_beta_schedule(self.schedule, self.num_timesteps, self.linear_start,
-                                                    self.linear_end, self.cosine_s))
+                                                    self.linear_end, self.cosine_s), prediction=self.prediction)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -7,12 +7,13 @@
    validation crops of held-out photos), LR by Pillow bicubic, written as
    BasicSR LMDBs (``datasets/demo``), with edge-based attention maps computed
    by ``scripts/precompute_attention.py`` as a user would.
-2. Tests the trained (not converged) demo models that ship with the plugin
+2. Tests the converged demo models that ship with the plugin
    (``yoda_plugin/weights``: vanilla SR3 and SR3 + YODA, made by
-   ``scripts/benchmark_convergence.py``) through BasicSR's test pipeline.
+   ``scripts/benchmark_convergence.py``, docs/convergence.md) through BasicSR's
+   test pipeline.
 3. Trains both from scratch for a few hundred iterations through BasicSR's
    training pipeline (with validation) and tests them: the whole pipeline at
-   work, far from converged.
+   work, short of convergence.
 4. Prints both tables next to the bicubic baseline on the same images, a
    side-by-side figure of the shipped models, and where images, logs,
    checkpoints and tensorboard files are.
@@ -410,7 +411,8 @@ def run_demo(root, args):
 
     converged = []
     for key, label, _, test_file in METHODS if records else ():
-        print(f'[demo] === {label}: the trained model that ships with the plugin (not converged; docs/convergence.md) ===', flush=True)
+        print(f'[demo] === {label}: the converged model that ships with the plugin (docs/convergence.md) ===',
+              flush=True)
         converged.append((label, evaluate_checkpoint(root, os.path.join(opts, test_file), records[key]['path'],
                                                  CONVERGED_SUFFIX)))
     scratch = []
@@ -432,7 +434,7 @@ def run_demo(root, args):
             f'{records["yoda"]["training"]["batch"]} on this recipe; docs/convergence.md):', baseline, converged, names)
     if scratch:
         out_table['from_scratch'] = print_table(
-            f'\n  trained from scratch by this run ({iters} iterations: the pipeline at work, far from converged):',
+            f'\n  trained from scratch by this run ({iters} iterations: the pipeline at work, short of convergence):',
             baseline, scratch, names)
     print('  ' + '; '.join(METRIC_NOTES[n] for n in names if n in METRIC_NOTES))
     out = os.path.join(root, 'results', 'demo_comparison')

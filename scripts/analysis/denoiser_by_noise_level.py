@@ -5,7 +5,7 @@
         --checkpoint yoda_plugin/weights/demo_sr3_x4.pth --hr-dir datasets/demo/val_hr --lr-dir datasets/demo/val_lr
 
 For each training time step k of a grid, every HR image is noised to z_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps
-(Eq. 3), the network predicts eps from (z_k, up(LR)) and the x0 estimate (z_k - sqrt(1 - abar_k) eps_hat) /
+(Eq. 3), the network predicts eps (or v, converted to eps) from (z_k, up(LR)) and the x0 estimate (z_k - sqrt(1 - abar_k) eps_hat) /
 sqrt(abar_k), clipped to [-1, 1], is compared with HR (PSNR, RGB). The same with the condition replaced by zeros
 shows how much the network uses the LR image at that level. A converged network's estimate approaches the
 conditional mean (about bicubic quality) at high noise; an under-trained one collapses there, which is where
@@ -44,7 +44,8 @@ def main(argv=None):
     bad = [k for k in args.steps if not 1 <= k <= schedule.num_steps]
     if bad:
         p.error(f'--steps {bad}: expected 1..{schedule.num_steps} (diffusion.num_timesteps)')
-    net = YODAResolver.from_options(opt, checkpoint=args.checkpoint, device='cpu').pipeline.net
+    pipeline = YODAResolver.from_options(opt, checkpoint=args.checkpoint, device='cpu').pipeline
+    net, prediction = pipeline.net, pipeline.sampler.schedule.prediction  # eps or v: the checkpoint's
     import cv2
     names = sorted(n for n in os.listdir(args.hr_dir) if n.lower().endswith(common.IMAGE_EXTENSIONS))
     missing = [n for n in names if not os.path.isfile(os.path.join(args.lr_dir, n))]
@@ -62,7 +63,7 @@ def main(argv=None):
         return float((10 * torch.log10(4.0 / ((a - b)**2).mean(dim=(1, 2, 3)))).mean())
 
     generator = torch.Generator().manual_seed(args.seed)
-    print(f'{len(pairs)} images; bicubic PSNR {psnr(up, hr):.2f} dB')
+    print(f'{len(pairs)} images; bicubic PSNR {psnr(up, hr):.2f} dB; the network predicts {prediction}')
     print(f'{"k":>5} {"sqrt(abar)":>11} {"x0 PSNR":>9} {"no LR":>9}')
     for k in args.steps:
         abar = float(schedule.alphas_cumprod[k])
@@ -71,7 +72,7 @@ def main(argv=None):
         row = []
         for cond in (up, torch.zeros_like(up)):
             with torch.no_grad():
-                eps = net(z, cond, level)
+                eps = pipeline.sampler.schedule.noise_from_output(net(z, cond, level), z, level)
             row.append(psnr(((z - (1 - abar)**0.5 * eps) / abar**0.5).clamp(-1, 1), hr))
         print(f'{k:>5} {abar**0.5:>11.4f} {row[0]:>9.2f} {row[1]:>9.2f}', flush=True)
     return 0

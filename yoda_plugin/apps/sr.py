@@ -84,25 +84,21 @@ def to_uint8(img):
 
 # -- arguments ---------------------------------------------------------------------------------------------------
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: the flag's own name is in argparse's message (``argument --tile: ...``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected an integer of HR pixels, got {text!r}') from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be >= 0 (HR pixels; --tile 0: no tiling), got {value}')
-    return value
+def int_at_least(minimum: int, expected: str, hint: str = ''):
+    """An argparse type for integers >= ``minimum`` (argparse's message names the flag: ``argument --tile: ...``)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {expected}, got {text!r}') from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'must be >= {minimum}{hint}, got {value}')
+        return value
+    return parse
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
-    return value
+non_negative_int = int_at_least(0, 'an integer of HR pixels', ' (HR pixels; --tile 0: no tiling)')
+positive_int = int_at_least(1, 'a positive integer')
 
 
 def parse_sparse_spec(spec: str):

@@ -37,8 +37,9 @@ from ..utils.torch_io import load_checkpoint
 RECORD_KEY = 'yoda_record'
 RECORD_FORMAT = 1
 REQUIRED_KEYS = ('model_type', 'scale', 'network_g', 'diffusion', 'yoda')
-# diffusion keys that define the training schedule and the network's time input: the weights depend on them.
-SCHEDULE_KEYS = ('schedule', 'num_timesteps', 'linear_start', 'linear_end', 'cosine_s', 'continuous_noise_level')
+# diffusion keys that define the training schedule, the network's time input and output: the weights depend on them.
+SCHEDULE_KEYS = ('schedule', 'num_timesteps', 'linear_start', 'linear_end', 'cosine_s', 'continuous_noise_level',
+                 'prediction')
 
 
 class RecordError(ValueError):

@@ -14,13 +14,13 @@ from .options import build_section
 from .pipeline import DiffusionSR, pad_inputs, super_resolve
 from .samplers import (SAMPLERS, DDIMSampler, DDPMSampler, DPMSolverSampler, Sampler, SamplerConfig,
                        predict_noise_from_start, predict_start_from_noise, q_posterior, sample)
-from .schedule import DiffusionSchedule, make_beta_schedule, space_timesteps
+from .schedule import PREDICTIONS, DiffusionSchedule, make_beta_schedule, space_timesteps
 from .sparse import SPARSE_MODES, SparseConfig, SparseDenoiser, active_box, active_regions
 from .tiling import TiledDenoiser, TilingConfig
 from .yoda import LR_NOISE_MODES, YODAConfig, YODASampler, training_inputs
 
 __all__ = [
-    'DiffusionSchedule', 'make_beta_schedule', 'space_timesteps', 'YODAMask', 'time_dependent_mask',
+    'DiffusionSchedule', 'PREDICTIONS', 'make_beta_schedule', 'space_timesteps', 'YODAMask', 'time_dependent_mask',
     'check_attention', 'check_lower_bound', 'diffused_steps_per_pixel', 'pixel_update_ratio', 'masked_noise_loss',
     'YODAConfig', 'YODASampler', 'LR_NOISE_MODES', 'training_inputs', 'Sampler', 'DDPMSampler', 'DDIMSampler',
     'DPMSolverSampler', 'SAMPLERS', 'SamplerConfig', 'sample', 'predict_start_from_noise', 'predict_noise_from_start',

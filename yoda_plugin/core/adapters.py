@@ -6,8 +6,9 @@ holds the samplers):
 
 * its space: ``to_space`` (HR image -> x0) and ``to_image`` (z_0 -> image);
   the mean of the unrefined component ``lr_mean`` (YODA's Eq. 13);
-* its network call at a sampling step (``net_fn`` / ``__call__``) and at a
-  training step (:meth:`NetworkAdapter.training_noise`);
+* its network call at a sampling step (``network_output``, which ``net_fn`` /
+  ``__call__`` turn into a noise prediction) and at a training step
+  (:meth:`NetworkAdapter.training_output`);
 * its size multiple (:meth:`NetworkAdapter.size_multiple`), its defaults of
   the ``diffusion`` section (``diffusion_defaults``), its own option section
   (``section`` / ``config``, e.g. ``srdiff``) and the network it drives
@@ -29,8 +30,10 @@ condition. An adapter maps one to the other (as guided-diffusion's
 
 ``net_fn(z_in, k, box=None)`` is the noise prediction for the input (or its
 crop ``box = (top, bottom, left, right)`` of the whole image, for the tiling
-and sparse wrappers of :mod:`.tiling` and :mod:`.sparse`); ``adapter(z_in, k,
-mask)`` is the denoiser :func:`~yoda_plugin.core.samplers.sample` calls.
+and sparse wrappers of :mod:`.tiling` and :mod:`.sparse`): the network's
+output, converted to eps when the network predicts v (``diffusion.prediction``,
+:meth:`~yoda_plugin.core.schedule.DiffusionSchedule.noise_from_output`);
+``adapter(z_in, k, mask)`` is the denoiser :func:`~yoda_plugin.core.samplers.sample` calls.
 Both run under ``amp_dtype`` autocast (None: float32) and return float32, with
 ``channels_last`` inputs when the network is stored so.
 
@@ -98,10 +101,11 @@ class NetworkAdapter:
         raise NotImplementedError(f'{cls.__name__} must implement for_batch()')
 
     # -- a batch --------------------------------------------------------------------------------------
-    def training_noise(self, inputs: dict) -> torch.Tensor:
-        """The network's noise prediction (float32) for the :func:`~yoda_plugin.core.yoda.training_inputs` of a
-        training step; ``self.schedule`` is the training schedule."""
-        raise NotImplementedError(f'{type(self).__name__} must implement training_noise()')
+    def training_output(self, inputs: dict) -> torch.Tensor:
+        """The network's output (float32; eps or v, as ``inputs['target']``) for the
+        :func:`~yoda_plugin.core.yoda.training_inputs` of a training step; ``self.schedule`` is the training
+        schedule."""
+        raise NotImplementedError(f'{type(self).__name__} must implement training_output()')
 
     def autocast(self, like: torch.Tensor):
         if self.amp_dtype is None:
@@ -115,7 +119,12 @@ class NetworkAdapter:
         return self.net_fn(z_in, k)
 
     def net_fn(self, z_in: torch.Tensor, k: torch.Tensor, box: Optional[Box] = None) -> torch.Tensor:
-        raise NotImplementedError(f'{type(self).__name__} must implement net_fn()')
+        """The noise prediction eps at grid step ``k`` (whatever the network predicts)."""
+        return self.schedule.noise_from_output(self.network_output(z_in, k, box), z_in, self.schedule.noise_level(k))
+
+    def network_output(self, z_in: torch.Tensor, k: torch.Tensor, box: Optional[Box] = None) -> torch.Tensor:
+        """The network's output (float32) at the sampler's grid step ``k``, for the crop ``box``."""
+        raise NotImplementedError(f'{type(self).__name__} must implement network_output()')
 
 
 BACKBONES: Dict[str, Type[NetworkAdapter]] = {}
@@ -179,7 +188,7 @@ class SR3Adapter(NetworkAdapter):
             raise ValueError(f'the sr3 backbone takes no options, got {sorted(options)}')
         return cls(net, schedule, lq_up, amp_dtype, channels_last)
 
-    def training_noise(self, inputs):
+    def training_output(self, inputs):
         # SR3 trains on a continuous noise level drawn between two steps' sqrt(abar).
         return self.predict(inputs['z_in'], inputs['noise_level'], self.cond)
 
@@ -197,7 +206,7 @@ class SR3Adapter(NetworkAdapter):
             eps = self.net(self.memory_format(z_in), self.memory_format(cond), noise_level)
         return eps.float()
 
-    def net_fn(self, z_in, k, box=None):
+    def network_output(self, z_in, k, box=None):
         cond = self.cond if box is None else self.cond[..., box[0]:box[1], box[2]:box[3]]
         return self.predict(z_in, self.schedule.noise_level(k).to(z_in.dtype), cond)
 
@@ -278,7 +287,7 @@ class SRDiffAdapter(NetworkAdapter):
     def for_batch(cls, net, schedule, lq, lq_up, scale, amp_dtype=None, channels_last=False, encode=True, **options):
         return cls(net, schedule, lq, lq_up, scale, amp_dtype, channels_last, encode=encode, **options)
 
-    def training_noise(self, inputs):
+    def training_output(self, inputs):
         # The whole network (encoder included) at the integer training steps of the drawn grid steps.
         return self.predict(inputs['z_in'], self.schedule.train_timestep(inputs['k']))
 
@@ -297,7 +306,7 @@ class SRDiffAdapter(NetworkAdapter):
             eps = self.net(self.memory_format(z_in), self.memory_format(self.lq), t + self.time_offset)
         return eps.float()
 
-    def net_fn(self, z_in, k, box=None):
+    def network_output(self, z_in, k, box=None):
         whole = box is None or tuple(box) == (0, self.size[0], 0, self.size[1])
         with self.autocast(z_in):
             cond = self.net.project_condition(self.feats, None if whole else box)

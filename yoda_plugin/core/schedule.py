@@ -19,6 +19,10 @@ from typing import Optional
 import torch
 
 SCHEDULES = ('linear', 'cosine', 'quad')
+# What the network predicts (diffusers' ``prediction_type``): the noise eps (DDPM, SR3, SRDiff, the paper) or
+# the velocity v = sqrt(abar) eps - sqrt(1 - abar) z0 (Salimans & Ho 2022, Sec. 4). Samplers and YODA work on
+# eps either way; :meth:`DiffusionSchedule.noise_from_output` converts.
+PREDICTIONS = ('eps', 'v')
 
 
 def make_beta_schedule(schedule: str,
@@ -64,7 +68,10 @@ class DiffusionSchedule:
     """All per-step quantities of a DDPM, in float64, for steps k = 0..K."""
 
     def __init__(self, betas: torch.Tensor, timesteps: Optional[torch.Tensor] = None,
-                 num_train_timesteps: Optional[int] = None):
+                 num_train_timesteps: Optional[int] = None, prediction: str = 'eps'):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f'diffusion.prediction must be one of {PREDICTIONS}, got {prediction!r}')
+        self.prediction = prediction
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
         K = betas.numel()
         self.num_steps = K
@@ -97,8 +104,9 @@ class DiffusionSchedule:
         self._device_cache = {}
 
     @classmethod
-    def from_options(cls, schedule: str = 'linear', num_timesteps: int = 500, **kwargs) -> 'DiffusionSchedule':
-        return cls(make_beta_schedule(schedule, num_timesteps, **kwargs))
+    def from_options(cls, schedule: str = 'linear', num_timesteps: int = 500, prediction: str = 'eps',
+                     **kwargs) -> 'DiffusionSchedule':
+        return cls(make_beta_schedule(schedule, num_timesteps, **kwargs), prediction=prediction)
 
     def respace(self, num_steps: int) -> 'DiffusionSchedule':
         """A schedule with ``num_steps`` steps whose alphas_cumprod are a subset of ours.
@@ -115,7 +123,7 @@ class DiffusionSchedule:
         ts = space_timesteps(self.num_steps, num_steps)
         abar = self.alphas_cumprod[ts]
         betas = 1.0 - abar[1:] / abar[:-1]
-        return DiffusionSchedule(betas, ts, self.num_train_timesteps)
+        return DiffusionSchedule(betas, ts, self.num_train_timesteps, self.prediction)
 
     def noise_level(self, k: torch.Tensor) -> torch.Tensor:
         """sqrt(abar_k) (B,), float64: SR3's continuous noise-level input for grid step ``k``."""
@@ -143,13 +151,34 @@ class DiffusionSchedule:
         return (self.gather('sqrt_alphas_cumprod', k, z0) * z0 +
                 self.gather('sqrt_one_minus_alphas_cumprod', k, z0) * noise)
 
+    def training_target(self, noise_level: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network learns to predict for z_t = g z0 + sqrt(1 - g^2) eps at noise level g = sqrt(abar)
+        (B,): eps itself, or v = g eps - sqrt(1 - g^2) z0."""
+        if self.prediction == 'eps':
+            return noise
+        g = _per_sample(noise_level, z0)
+        return g * noise - (1 - g * g).sqrt() * z0
+
+    def noise_from_output(self, output: torch.Tensor, z_t: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+        """The noise prediction eps of a network ``output`` for ``z_t`` at noise level g (B,): the output itself
+        (``prediction: eps``), or eps = g v + sqrt(1 - g^2) z_t (``prediction: v``)."""
+        if self.prediction == 'eps':
+            return output
+        g = _per_sample(noise_level, z_t)
+        return g * output + (1 - g * g).sqrt() * z_t
+
     def __repr__(self) -> str:
         return (f'DiffusionSchedule(steps={self.num_steps}, train_timesteps={self.num_train_timesteps}, '
-                f'alphas_cumprod[K]={float(self.alphas_cumprod[-1]):.3g})')
+                f'alphas_cumprod[K]={float(self.alphas_cumprod[-1]):.3g}, prediction={self.prediction})')
+
+
+def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) tensor as (B, 1, 1, ...) in ``like``'s dtype and device."""
+    return torch.as_tensor(value, device=like.device).to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def schedule_from_options(opt: dict) -> DiffusionSchedule:
     """Build a training schedule from a ``diffusion`` option dict."""
-    known = {'schedule', 'num_timesteps', 'linear_start', 'linear_end', 'cosine_s'}
+    known = {'schedule', 'num_timesteps', 'linear_start', 'linear_end', 'cosine_s', 'prediction'}
     kwargs = {k: opt[k] for k in known if k in opt}
     return DiffusionSchedule.from_options(**kwargs)

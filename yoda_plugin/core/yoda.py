@@ -110,8 +110,9 @@ def training_inputs(schedule: DiffusionSchedule,
     uniformly between sqrt(abar_k) and sqrt(abar_{k-1}); otherwise it is
     sqrt(abar_k). ``mask`` (a :class:`YODAMask`, None: vanilla) gives M(t).
     Returns ``z_in`` (the network input, masked as Eq. 11 when
-    ``mask_network_input``), ``noise`` (the target), ``mask`` (M(t) or None),
-    ``k`` (B,) and ``noise_level`` (B,) sqrt(gamma).
+    ``mask_network_input``), ``noise`` (eps), ``target`` (what the network
+    learns: eps, or v for ``schedule.prediction == 'v'``), ``mask`` (M(t) or
+    None), ``k`` (B,) and ``noise_level`` (B,) sqrt(gamma).
     """
     B = x0.shape[0]
     u = _rand((B, ), x0, generator)
@@ -127,7 +128,9 @@ def training_inputs(schedule: DiffusionSchedule,
         m = mask.at(schedule.train_timestep(k), x0.dtype)
         if mask_network_input:
             z_t = z_t * m  # Eq. 11, applied in training as in sampling
-    return {'z_in': z_t, 'noise': noise, 'mask': m, 'k': k, 'noise_level': noise_level.to(x0.dtype)}
+    target = schedule.training_target(noise_level, x0, noise)
+    return {'z_in': z_t, 'noise': noise, 'target': target, 'mask': m, 'k': k,
+            'noise_level': noise_level.to(x0.dtype)}
 
 
 class YODASampler:

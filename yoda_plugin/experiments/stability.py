@@ -471,3 +471,17 @@ def run_experiment(plan: StabilityPlan, log=print) -> dict:
     for path in plots:
         log(f'[stability] plot: {path}')
     return {'table': table, 'summary': summary_path, 'plots': plots, 'rows': rows}
+
+
+def run_resumable(tag: str, action, errors: tuple) -> int:
+    """A driver's exit status: 0 when ``action()`` finishes; 2 with one ``[tag] error:`` line for the refusals
+    in ``errors``; 130 on Ctrl-C, saying that the same command resumes."""
+    try:
+        action()
+    except errors as err:
+        print(f'[{tag}] error: {err}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'[{tag}] interrupted: rerun the same command to resume', file=sys.stderr)
+        return 130
+    return 0

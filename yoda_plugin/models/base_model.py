@@ -38,14 +38,23 @@ def total_norm(tensors) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
+def ema_decay_at(decay: float, iteration: int, warmup: bool) -> float:
+    """The EMA decay of a step: ``decay``, or with ``warmup`` min(decay, (1 + n) / (10 + n)) at iteration n
+    (the warm-up of diffusers' EMAModel and Ho et al.'s EMA), so early EMA weights follow the network."""
+    return min(decay, (1 + iteration) / (10 + iteration)) if warmup else decay
+
+
 class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
     """Diffusion SR with YODA on or off (the ``yoda`` section); see the module docstring.
 
     Options on top of BasicSR's SRModel (declared in :mod:`yoda_plugin.config`):
         diffusion: schedule, num_timesteps (T_train), linear_start, linear_end, cosine_s,
-            sample_steps (T_eval), variance (posterior|beta), clip_denoised, continuous_noise_level.
+            sample_steps (T_eval), variance (posterior|beta), clip_denoised, continuous_noise_level,
+            prediction (eps|v: what the network predicts).
         yoda: enabled, lower_bound, lr_noise (auto|marginal|fixed|posterior), mask_network_input.
             Absent or ``enabled: false``: vanilla diffusion.
+        train.ema_warmup: false (default, BasicSR's EMA) or true: the EMA decay at iteration n is
+            min(ema_decay, (1 + n) / (10 + n)), so early EMA weights do not keep most of the random initialisation.
         train.nan_policy: ``raise`` (default) stops on a non-finite loss or gradient naming the iteration;
             ``skip`` drops that step, and stops after ``train.nan_skip_limit`` (default 10) consecutive skipped
             steps. Weights that turn non-finite after a step always stop the run, and no checkpoint with
@@ -62,7 +71,7 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
     frozen_note = ''  # what the frozen parameters are (log)
     # Option keys read beyond BasicSR's own (sections: '' top level, 'train', 'path'); tests/test_options.py
     # accepts them, merged along the class hierarchy.
-    extra_option_keys = {'train': {'nan_policy', 'nan_skip_limit', 'amp', 'channels_last', 'compile'},
+    extra_option_keys = {'train': {'nan_policy', 'nan_skip_limit', 'amp', 'channels_last', 'compile', 'ema_warmup'},
                          'path': {'trust_checkpoint'}}
 
     def __init__(self, opt):
@@ -124,6 +133,9 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
             raise ValueError(f'train.nan_skip_limit must be a positive integer (consecutive skipped steps before the '
                              f'run stops), got {self.nan_skip_limit!r}')
         self.skipped_in_a_row = 0
+        self.ema_warmup = train_opt.get('ema_warmup', False)
+        if not isinstance(self.ema_warmup, bool):
+            raise ValueError(f'train.ema_warmup must be true or false, got {self.ema_warmup!r}')
         self.schedule = self.diffusion.training_schedule()
 
     # -- devices, fast paths and optimisers --------------------------------------------------------
@@ -208,8 +220,8 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
         mask = self.yoda.mask(self.attention, self.schedule.num_train_timesteps)
         inputs = training_inputs(self.schedule, x0, mask, self.yoda.mask_network_input, None,
                                  self.diffusion.continuous_noise_level)
-        eps = adapter.training_noise(inputs)
-        l_pix = self.cri_pix(eps, inputs['noise'], inputs['mask'])
+        prediction = adapter.training_output(inputs)  # eps, or v (diffusion.prediction)
+        l_pix = self.cri_pix(prediction, inputs['target'], inputs['mask'])
         self.apply_loss(l_pix, inputs['mask'], current_iter)
 
     def apply_loss(self, l_pix, mask, current_iter):
@@ -251,7 +263,7 @@ class DiffusionSRModel(CheckpointMixin, ValidationMixin, SRModel):
             loss_dict['mask_ratio'] = mask.mean().detach()
         self.log_dict = self.reduce_loss_dict(loss_dict)
         if self.ema_decay > 0:
-            self.model_ema(decay=self.ema_decay)
+            self.model_ema(decay=ema_decay_at(self.ema_decay, current_iter, self.ema_warmup))
 
     def _all_ranks_finite(self, value: torch.Tensor) -> bool:
         """``value`` is finite on every rank (one flag reduced across a distributed run)."""
