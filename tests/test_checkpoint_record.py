@@ -15,6 +15,7 @@ from conftest import assert_mentions, mentions, tiny_options, write_options
 
 from yoda_plugin.archs.sr3_unet_arch import SR3UNet
 from yoda_plugin.checkpoints import load_network_weights
+from yoda_plugin.utils.options import load_options
 from yoda_plugin.checkpoints.public import JANSPIRY_SR3, PUBLISHED_FILES, convert_checkpoint, public_key_map
 from yoda_plugin.checkpoints.record import (RECORD_KEY, RecordError, compare_record, make_record, read_record,
                                             record_options)
@@ -65,10 +66,17 @@ def test_the_record_round_trips_and_basicsr_still_reads_the_file(recorded):
 def test_the_convergence_export_uses_the_same_schema(tiny_data):
     from yoda_plugin.experiments.convergence import checkpoint_record
     opt = tiny_options(tiny_data, yoda=True)
-    plan = SimpleNamespace(iters=8, batch_sizes=[4], options='/x/train_sr3_yoda_demo.yml')
+    plan = SimpleNamespace(iters=8, batch_sizes=[4], options='/x/train_sr3_yoda_demo.yml',
+                           sampler={'type': 'ddpm', 'steps': 2, 'eta': 0.0})
     record = checkpoint_record(opt, plan, 'yoda', 0, {'psnr': 20.0})
-    assert {k: v for k, v in record.items() if k not in ('training', 'validation')} == make_record(opt)
+    # The record's sampler is the demo's test sampler; the validation says which sampler measured it.
+    from yoda_plugin.demo import options_dir
+    test_sampler = load_options(os.path.join(options_dir(), 'test_sr3_yoda_demo.yml'))['val']['sampler']
+    assert record['sampler'] == test_sampler
+    assert {k: v for k, v in record.items() if k not in ('training', 'validation')} == \
+        make_record(dict(opt, val=dict(opt['val'], sampler=test_sampler)))
     assert record['training']['iterations'] == 8 and record['validation']['psnr'] == 20.0
+    assert record['validation']['sampler'] == plan.sampler
 
 
 def test_command_line_and_api_give_the_same_pixels_with_the_shared_defaults(recorded, tmp_path, capsys):

@@ -36,6 +36,7 @@ MIN_SIDE = 8             # LR pixels; smaller images have nothing for a diffusio
 DEFAULT_MAX_SIDE = 128   # LR pixels per side (--max-side); the SR is scale x larger
 MAX_UPLOAD_MB = 10
 MAX_STEPS = 200
+DEFAULT_STEPS = 10  # the demo models' default sampler, DDPM 10 (docs/samplers.md)
 ALLOWED_FORMATS = 'PNG, JPEG, BMP, TIFF or WebP'
 
 
@@ -347,7 +348,7 @@ def build_page(models: Models, max_side: int = DEFAULT_MAX_SIDE):
                 model = gr.Dropdown(labels, value=labels[0], label='Checkpoint', elem_id='checkpoint')
                 with gr.Row():
                     sampler = gr.Dropdown(list(SAMPLER_NAMES), value='ddpm', label='Sampler', elem_id='sampler')
-                    steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label='Steps', elem_id='steps')
+                    steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label='Steps', elem_id='steps')
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label='Seed', elem_id='seed')
                     colour_fix = gr.Dropdown(list(COLOUR_FIXES), value='none', label='Colour fix')

@@ -210,12 +210,18 @@ def checkpoint_record(opt: dict, plan: stability.StabilityPlan, method: str, see
     """What rebuilding the network and pipeline needs, and how the weights were made (plain types only)."""
     from yoda_plugin.checkpoints.record import make_record  # the one schema (format 1)
     val = opt['datasets']['val']
+    # The record says how to sample the weights: the demo's test sampler (docs/samplers.md), not the
+    # validation sampler of the learning curves.
+    from yoda_plugin.demo import options_dir
+    from yoda_plugin.utils.options import load_options
+    test_file = os.path.join(options_dir(), 'test_sr3_yoda_demo.yml' if method == 'yoda' else 'test_sr3_demo.yml')
+    opt = dict(opt, val=dict(opt.get('val') or {}, sampler=load_options(test_file)['val']['sampler']))
     return make_record(
         opt,
         training={'iterations': plan.iters, 'seed': seed, 'batch': plan.batch_sizes[0], 'method': method,
                   'yoda_trained': method == 'yoda', 'options': os.path.basename(plan.options),
                   'command': 'python scripts/benchmark_convergence.py (docs/convergence.md)'},
-        validation={'dataset': val['name'], 'iteration': plan.iters, **metrics})
+        validation={'dataset': val['name'], 'iteration': plan.iters, 'sampler': dict(plan.sampler), **metrics})
 
 
 def run_benchmark(plan: ConvergencePlan, log=print, export_dir: Optional[str] = None, export_seed: int = 0,
