@@ -201,10 +201,10 @@ class SR3Adapter(NetworkAdapter):
         return ((z + 1) / 2).clamp(0, 1)
 
     def predict(self, z_in: torch.Tensor, noise_level: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The network at a given noise level (training draws it continuously)."""
+        """The network's output (eps or v) at a given noise level (training draws it continuously)."""
         with self.autocast(z_in):
-            eps = self.net(self.memory_format(z_in), self.memory_format(cond), noise_level)
-        return eps.float()
+            out = self.net(self.memory_format(z_in), self.memory_format(cond), noise_level)
+        return out.float()
 
     def network_output(self, z_in, k, box=None):
         cond = self.cond if box is None else self.cond[..., box[0]:box[1], box[2]:box[3]]

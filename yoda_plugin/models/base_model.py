@@ -40,7 +40,8 @@ def total_norm(tensors) -> torch.Tensor:
 
 def ema_decay_at(decay: float, iteration: int, warmup: bool) -> float:
     """The EMA decay of a step: ``decay``, or with ``warmup`` min(decay, (1 + n) / (10 + n)) at iteration n
-    (the warm-up of diffusers' EMAModel and Ho et al.'s EMA), so early EMA weights follow the network."""
+    (TensorFlow's ExponentialMovingAverage with ``num_updates``, as latent diffusion's EMA uses it), so early EMA
+    weights follow the network."""
     return min(decay, (1 + iteration) / (10 + iteration)) if warmup else decay
 
 
