@@ -174,6 +174,12 @@ def export_checkpoint(plan: stability.StabilityPlan, method: str, seed: int, out
     return out_path
 
 
+def demo_test_options(method: str) -> str:
+    """The demo's test option file of ``method`` (how its shipped checkpoint is sampled)."""
+    from yoda_plugin.demo import options_dir
+    return os.path.join(options_dir(), 'test_sr3_yoda_demo.yml' if method == 'yoda' else 'test_sr3_demo.yml')
+
+
 # The check every shipped checkpoint records: one thread (float sums depend on the thread count), seed 0.
 CHECK = {'sampler': {'type': 'ddpm', 'steps': 20, 'eta': 0.0}, 'seed': 0, 'threads': 1}
 
@@ -193,9 +199,8 @@ def check_psnr(checkpoint: str, method: str, lr, hr) -> float:
     import torch
     from basicsr.metrics.psnr_ssim import calculate_psnr
 
-    from yoda_plugin.demo import options_dir
     from yoda_plugin.inference import YODAResolver
-    test_file = os.path.join(options_dir(), 'test_sr3_yoda_demo.yml' if method == 'yoda' else 'test_sr3_demo.yml')
+    test_file = demo_test_options(method)
     threads = torch.get_num_threads()
     torch.set_num_threads(CHECK['threads'])
     try:
@@ -212,10 +217,9 @@ def checkpoint_record(opt: dict, plan: stability.StabilityPlan, method: str, see
     val = opt['datasets']['val']
     # The record says how to sample the weights: the demo's test sampler (docs/samplers.md), not the
     # validation sampler of the learning curves.
-    from yoda_plugin.demo import options_dir
     from yoda_plugin.utils.options import load_options
-    test_file = os.path.join(options_dir(), 'test_sr3_yoda_demo.yml' if method == 'yoda' else 'test_sr3_demo.yml')
-    opt = dict(opt, val=dict(opt.get('val') or {}, sampler=load_options(test_file)['val']['sampler']))
+    sampler = load_options(demo_test_options(method))['val']['sampler']
+    opt = dict(opt, val=dict(opt.get('val') or {}, sampler=sampler))
     return make_record(
         opt,
         training={'iterations': plan.iters, 'seed': seed, 'batch': plan.batch_sizes[0], 'method': method,
