@@ -12,8 +12,9 @@ under --root:
 
 Both methods come from the one option file (YODA on/off is the only difference besides batch, seed
 and budget). Rerunning continues where it stopped. Outputs under <root>/results/<prefix>/:
-stability.csv (one row per run and evaluation), summary.md (mean ± std over seeds at the last
-iteration), stability_<metric>.png, and the generated option files.
+stability.csv (one row per run and evaluation), summary.md (mean ± std over seeds at each batch
+size's last iteration, with the PSNR change over the last two evaluations: has it converged?),
+stability_<metric>.png, and the generated option files.
 """
 import argparse
 import os
@@ -39,7 +40,10 @@ def build_parser():
     p.add_argument('--batch-sizes', type=int, nargs='+', default=[2, 8])
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--methods', nargs='+', default=['vanilla', 'yoda'], choices=['vanilla', 'yoda'])
-    p.add_argument('--iters', type=int, default=300, help='training iterations of every run')
+    p.add_argument('--iters', type=int, default=300, help='training iterations of every run (see --batch-iters)')
+    p.add_argument('--batch-iters', nargs='+', default=[], metavar='BATCH=ITERS',
+                   help='a budget of its own for a batch size, e.g. 2=12000 (a small batch needs more iterations '
+                   'to converge); the other batch sizes train --iters')
     p.add_argument('--eval-every', type=int, default=100, help='validate (and checkpoint) every N iterations')
     p.add_argument('--sampler', default='ddpm:10', help='TYPE:STEPS[:ETA] of the evaluations (val.sampler)')
     p.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
@@ -56,7 +60,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from yoda_plugin.core.samplers import SamplerConfig
-    from yoda_plugin.experiments.stability import StabilityPlan, parse_override, run_experiment
+    from yoda_plugin.experiments.stability import StabilityPlan, parse_batch_iters, parse_override, run_experiment
     root = os.path.abspath(args.root)
     options = args.options or (DEMO_OPTIONS if args.demo else None)
     if options is None:
@@ -64,10 +68,11 @@ def main(argv=None):
     overrides = (list(DEMO_OVERRIDES) if args.demo and not args.options else []) + args.overrides
     try:
         sampler = SamplerConfig.from_spec(args.sampler).as_dict()
+        batch_iters = parse_batch_iters(args.batch_iters)
         plan = StabilityPlan(options=os.path.abspath(options), batch_sizes=args.batch_sizes, seeds=args.seeds,
                              iters=args.iters, eval_every=args.eval_every, root=root, prefix=args.prefix,
                              methods=args.methods, sampler=sampler, nproc=args.nproc, jobs=args.jobs,
-                             threads=args.threads, force=args.force,
+                             threads=args.threads, force=args.force, batch_iters=batch_iters,
                              overrides=dict(parse_override(o) for o in overrides))
     except ValueError as err:
         build_parser().error(str(err))

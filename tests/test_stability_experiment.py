@@ -67,7 +67,47 @@ def test_summary_statistics_over_seeds():
     assert (mean, lo, hi, n) == (22.0, 20.0, 24.0, 3) and std == pytest.approx((8 / 3) ** 0.5)
     assert stats[('vanilla', 2, 10)]['psnr'] == (18.0, 0.0, 18.0, 18.0, 1)
     table = stability.final_table(rows, 10)
-    assert '| 2 | vanilla | 1 | 18.0000 ± 0.0000 |' in table and '| 2 | yoda | 3 | 22.0000 ± 1.6330 |' in table
+    assert '| 2 | vanilla | 1 | 10 | 18.0000 ± 0.0000 |' in table and '| 2 | yoda | 3 | 10 | 22.0000 ± 1.6330 |' in table
+
+
+def test_summary_reports_each_batch_at_its_budget_with_the_psnr_change_that_says_converged():
+    # batch 2 trained 30 iterations, batch 8 trained 20; evaluations every 5.
+    def run(method, batch, seed, curve):
+        return [{'method': method, 'batch': batch, 'seed': seed, 'iter': 5 * (i + 1), 'psnr': v}
+                for i, v in enumerate(curve)]
+    rows = (run('yoda', 2, 0, [10, 12, 14, 16, 17, 18]) + run('yoda', 2, 1, [10, 12, 14, 16, 18, 20])
+            + run('vanilla', 8, 0, [20, 22, 23, 23]) + run('yoda', 8, 9, [1, 2, 3, 4, 5, 6, 7]))
+    table = stability.final_table(rows, {2: 30, 8: 20}, window=10).splitlines()
+    assert table[0].endswith('| psnr | PSNR change over the last 10 iterations |')
+    # batch 2 at 30: psnr 19 ± 1; change 18-16=2 and 20-16=4 -> +3 ± 1
+    assert '| 2 | yoda | 2 | 30 | 19.0000 ± 1.0000 | +3.0000 ± 1.0000 |' in table
+    # batch 8 at 20 (seed 9 ran on to 35: its row at 20 counts, later ones do not): change 23-22 and 4-2
+    assert '| 8 | vanilla | 1 | 20 | 23.0000 ± 0.0000 | +1.0000 ± 0.0000 |' in table
+    assert '| 8 | yoda | 1 | 20 | 4.0000 ± 0.0000 | +2.0000 ± 0.0000 |' in table
+    assert len(table) == 5
+
+
+def test_per_batch_budgets_set_total_iter_and_are_checked(tiny_data, tmp_path):
+    base_path = write_options(tmp_path / 'base.yml', tiny_options(tiny_data))
+    base = load_options(base_path)
+    plan = _plan(base_path, tmp_path, batch_sizes=[2, 8], iters=4, batch_iters={2: 6})
+    assert plan.iters_for(2) == 6 and plan.iters_for(8) == 4 and plan.max_iters == 6
+    assert stability.run_options(base, plan, 'yoda', 2, 0)['train']['total_iter'] == 6
+    assert stability.run_options(base, plan, 'vanilla', 8, 0)['train']['total_iter'] == 4
+    with pytest.raises(ValueError, match=mentions('batch_iters[2]', 'multiple of eval_every')):
+        _plan(base_path, tmp_path, eval_every=2, iters=4, batch_iters={2: 5})
+    with pytest.raises(ValueError, match=mentions('[4]', 'not among the batch sizes')):
+        _plan(base_path, tmp_path, batch_iters={4: 10})
+    assert stability.parse_batch_iters(['2=12000', '8=6000']) == {2: 12000, 8: 6000}
+    with pytest.raises(ValueError, match=mentions("'2:100'", 'BATCH=ITERS')):
+        stability.parse_batch_iters(['2:100'])
+    # The command line refuses them before any work, in one line that names the option.
+    for bad, words in ((['2:100'], ['--batch-iters', "'2:100'"]), (['4=100'], ['batch_iters', '[4]'])):
+        proc = subprocess.run([sys.executable, SCRIPT, '--demo', '--root', str(tmp_path / 'never'), '--batch-sizes',
+                               '2', '--iters', '100', '--eval-every', '50', '--batch-iters', *bad],
+                              env=run_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and all(w in proc.stderr for w in words), proc.stderr
+    assert not (tmp_path / 'never').exists()
 
 
 @pytest.mark.slow

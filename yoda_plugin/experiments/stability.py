@@ -17,6 +17,11 @@ that change a run's result (the option tree of a run, less name, seed, batch and
 budget) and every run made under them: a rerun with other settings is refused
 with the differing keys (``force`` archives the old runs first), and a rerun with
 other seeds or methods adds rows instead of replacing them.
+
+Budgets can differ per batch size (``batch_iters``: a small batch needs more
+iterations to converge). The summary reports each batch size at its own budget,
+with the PSNR change over the last ``2 * eval_every`` iterations beside it: the
+evidence of whether a run has converged.
 """
 import copy
 import csv
@@ -52,6 +57,7 @@ class StabilityPlan:
     jobs: int = 1                    # runs trained at the same time (each with `threads` CPU threads)
     threads: Optional[int] = None    # OMP/MKL threads per run (None: the environment's)
     force: bool = False              # archive runs made with other settings instead of refusing
+    batch_iters: Dict[int, int] = field(default_factory=dict)  # batch size -> its own budget (else `iters`)
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -61,17 +67,30 @@ class StabilityPlan:
             raise ValueError('give at least one batch size and one seed')
         if min(self.batch_sizes) < 1:
             raise ValueError(f'batch sizes must be >= 1, got {list(self.batch_sizes)}')
-        if self.iters < 1 or self.eval_every < 1 or self.eval_every > self.iters:
-            raise ValueError(f'need 1 <= eval_every ({self.eval_every}) <= iters ({self.iters})')
-        if self.iters % self.eval_every:
-            raise ValueError(f'iters ({self.iters}) must be a multiple of eval_every ({self.eval_every}): the last '
-                             'iteration is an evaluation')
+        stray = sorted(set(self.batch_iters) - set(self.batch_sizes))
+        if stray:
+            raise ValueError(f'batch_iters names batch size(s) {stray} that are not among the batch sizes '
+                             f'{list(self.batch_sizes)}')
+        for what, iters in [('iters', self.iters)] + [(f'batch_iters[{b}]', n) for b, n in self.batch_iters.items()]:
+            if iters < 1 or self.eval_every < 1 or self.eval_every > iters:
+                raise ValueError(f'need 1 <= eval_every ({self.eval_every}) <= {what} ({iters})')
+            if iters % self.eval_every:
+                raise ValueError(f'{what} ({iters}) must be a multiple of eval_every ({self.eval_every}): the last '
+                                 'iteration is an evaluation')
         if self.jobs < 1:
             raise ValueError(f'jobs must be >= 1, got {self.jobs}')
 
     @property
     def results_dir(self) -> str:
         return os.path.join(self.root, 'results', self.prefix)
+
+    def iters_for(self, batch: int) -> int:
+        """The training budget of the runs of one batch size."""
+        return int(self.batch_iters.get(batch, self.iters))
+
+    @property
+    def max_iters(self) -> int:
+        return max([self.iters] + list(self.batch_iters.values()))
 
     def run_name(self, method: str, batch: int, seed: int) -> str:
         return f'{self.prefix}_{method}_b{batch}_s{seed}'
@@ -110,6 +129,18 @@ def parse_override(text: str):
     return key.strip(), parsed
 
 
+def parse_batch_iters(items: Sequence[str]) -> Dict[int, int]:
+    """``['2=12000', '8=6000']`` -> ``{2: 12000, 8: 6000}``; a clear error for anything else."""
+    out = {}
+    for item in items:
+        batch, _, iters = item.partition('=')
+        try:
+            out[int(batch)] = int(iters)
+        except ValueError:
+            raise ValueError(f'--batch-iters {item!r}: expected BATCH=ITERS, two integers, e.g. 2=12000') from None
+    return out
+
+
 def run_options(base: dict, plan: StabilityPlan, method: str, batch: int, seed: int) -> dict:
     """The option dict of one run: ``base`` with YODA on/off, batch, seed, budget and evaluation cadence."""
     opt = copy.deepcopy(base)
@@ -128,7 +159,7 @@ def run_options(base: dict, plan: StabilityPlan, method: str, batch: int, seed: 
     if train_set is None:
         raise ValueError(f'{plan.options}: no datasets.train section')
     train_set['batch_size_per_gpu'] = int(batch)
-    opt['train']['total_iter'] = int(plan.iters)
+    opt['train']['total_iter'] = plan.iters_for(batch)
     opt.setdefault('path', {}).update(pretrain_network_g=None, resume_state=None)
     val = opt.get('val')
     if val is None or not val.get('metrics'):
@@ -280,7 +311,7 @@ def _progress(plan: StabilityPlan, opt: dict) -> str:
     it = max(history)
     values = history[it]
     shown = ', '.join(f'{k} {values[k]:.3f}' for k in ('psnr', 'lr_psnr') if k in values)
-    return f'iteration {it}/{plan.iters}: {shown}'
+    return f'iteration {it}/{opt["train"]["total_iter"]}: {shown}'
 
 
 def run_plan(plan: StabilityPlan, log=print, poll_seconds: float = 30.0) -> List[dict]:
@@ -293,11 +324,12 @@ def run_plan(plan: StabilityPlan, log=print, poll_seconds: float = 30.0) -> List
     for i, (method, batch, seed) in enumerate(todo, 1):
         opt = run_options(base, plan, method, batch, seed)
         history = read_history(history_path(plan, opt))
-        if plan.iters in history:
+        budget = plan.iters_for(batch)
+        if budget in history:
             log(f'[{plan.prefix}] {i}/{len(todo)} {opt["name"]}: finished earlier, kept')
-        elif history and max(history) > plan.iters:
-            raise PlanMismatch(f'{opt["name"]} went past iteration {plan.iters} (evaluated at {max(history)}) '
-                               f'without an evaluation at {plan.iters}: give --iters {max(history)} or more')
+        elif history and max(history) > budget:
+            raise PlanMismatch(f'{opt["name"]} went past iteration {budget} (evaluated at {max(history)}) '
+                               f'without an evaluation at {budget}: give a budget of {max(history)} or more')
         else:
             pending.append((i, opt))
         done.add(opt['name'])
@@ -351,7 +383,7 @@ def run_plan(plan: StabilityPlan, log=print, poll_seconds: float = 30.0) -> List
         method, batch, seed = parse_run_name(plan, name)
         opt = {'name': name, 'datasets': base['datasets']}
         for it, values in sorted(read_history(history_path(plan, opt)).items()):
-            if it <= plan.iters:
+            if it <= (plan.iters_for(batch) if batch in plan.batch_sizes else plan.max_iters):
                 rows.append({'method': method, 'batch': batch, 'seed': seed, 'iter': it, **values})
     return rows
 
@@ -399,20 +431,39 @@ def write_table(rows: List[dict], path: str):
     return path
 
 
-def final_table(rows: List[dict], iters: int) -> str:
-    """Markdown: per batch size and method, mean ± std over seeds at the last iteration."""
+def final_table(rows: List[dict], iters, window: int = 0) -> str:
+    """Markdown: per batch size and method, mean ± std over seeds at the run's budget.
+
+    ``iters`` is one budget or a mapping batch size -> budget. With ``window`` > 0 a last column gives the PSNR
+    change from iteration ``budget - window`` to the budget (mean ± std over seeds): near 0 once a run has
+    converged."""
+    budget = (lambda b: int(iters.get(b, 0))) if isinstance(iters, dict) else (lambda b: int(iters))
     metrics = metric_names(rows)
-    stats = summarize([r for r in rows if r['iter'] == iters], metrics)
-    lines = ['| batch | method | seeds | ' + ' | '.join(metrics) + ' |',
-             '|---|---|---|' + '---|' * len(metrics)]
+    stats = summarize([r for r in rows if r['iter'] == budget(r['batch'])], metrics)
+    psnr_at = {(r['method'], r['batch'], r['seed'], r['iter']): r['psnr'] for r in rows if 'psnr' in r}
+    show_change = window > 0 and bool(psnr_at)
+    lines = ['| batch | method | seeds | iteration | ' + ' | '.join(metrics)
+             + (f' | PSNR change over the last {window} iterations |' if show_change else ' |'),
+             '|---|---|---|---|' + '---|' * (len(metrics) + show_change)]
     for batch in sorted({b for _, b, _ in stats}):
+        end = budget(batch)
         for method in METHODS:
-            s = stats.get((method, batch, iters))
+            s = stats.get((method, batch, end))
             if not s:
                 continue
             n = max(v[4] for v in s.values())
             cells = [f'{s[m][0]:.4f} ± {s[m][1]:.4f}' if m in s else '-' for m in metrics]
-            lines.append(f'| {batch} | {method} | {n} | ' + ' | '.join(cells) + ' |')
+            if show_change:
+                changes = [psnr_at[(method, batch, seed, end)] - psnr_at[(method, batch, seed, end - window)]
+                           for (m, b, seed, it) in psnr_at if (m, b, it) == (method, batch, end)
+                           and (method, batch, seed, end - window) in psnr_at]
+                if changes:
+                    mean = sum(changes) / len(changes)
+                    std = (sum((c - mean) ** 2 for c in changes) / len(changes)) ** 0.5
+                    cells.append(f'{mean:+.4f} ± {std:.4f}')
+                else:
+                    cells.append('-')
+            lines.append(f'| {batch} | {method} | {n} | {end} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
 
@@ -459,14 +510,15 @@ def run_experiment(plan: StabilityPlan, log=print) -> dict:
     rows = run_plan(plan, log=log)
     os.makedirs(plan.results_dir, exist_ok=True)
     table = write_table(rows, os.path.join(plan.results_dir, 'stability.csv'))
-    summary = final_table(rows, plan.iters)
+    budgets = {b: plan.iters_for(b) for b in plan.batch_sizes}
+    summary = final_table(rows, budgets, window=2 * plan.eval_every)
     summary_path = os.path.join(plan.results_dir, 'summary.md')
     seeds = sorted({r['seed'] for r in rows})
+    at = ', '.join(f'batch {b} at iteration {n}' for b, n in budgets.items())
     with open(summary_path, 'w', encoding='utf-8') as f:
-        f.write(f'Stability at iteration {plan.iters} (mean ± std over seeds {seeds}), '
-                f'from {plan.options}\n\n{summary}\n')
+        f.write(f'Stability, {at} (mean ± std over seeds {seeds}), from {plan.options}\n\n{summary}\n')
     plots = plot(rows, plan.results_dir)
-    log(f'\n[stability] at iteration {plan.iters}, mean ± std over seeds {seeds}:\n{summary}')
+    log(f'\n[stability] {at}, mean ± std over seeds {seeds}:\n{summary}')
     log(f'[stability] long table: {table}\n[stability] summary: {summary_path}')
     for path in plots:
         log(f'[stability] plot: {path}')
