@@ -4,7 +4,7 @@ import sys
 # command -> (module whose main() runs it, what it does in one line)
 COMMANDS = {
     'sr': ('yoda_plugin.apps.sr', 'super-resolve an image or a folder with a checkpoint (no option file needed)'),
-    'demo': ('yoda_plugin.demo', "test the shipped demo models (trained, not converged), then train both briefly from scratch"),
+    'demo': ('yoda_plugin.demo', "test the shipped demo models (converged), then train both briefly from scratch"),
     'train': ('yoda_plugin.train', 'train a model with BasicSR from an option file (-opt OPTIONS)'),
     'test': ('yoda_plugin.test', 'test a model with BasicSR from an option file (-opt OPTIONS): images and metrics'),
     'prepare': ('yoda_plugin.apps.prepare_data', "prepare the paper's datasets as BasicSR LMDBs"),

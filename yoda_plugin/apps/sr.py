@@ -32,7 +32,7 @@ import time
 from typing import Dict, List, Optional
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'weights')
-# ``--checkpoint NAME`` shortcuts for the demo's shipped trained (not converged) models.
+# ``--checkpoint NAME`` shortcuts for the demo's shipped converged models (docs/convergence.md).
 SHIPPED = {'demo': 'demo_sr3_yoda_x4.pth', 'demo-vanilla': 'demo_sr3_x4.pth'}
 
 
