@@ -79,6 +79,37 @@ def test_basicsr_own_runner_resumes_on_any_device(monkeypatch):
     assert patches.install_basicsr_runner_fixes() == []  # idempotent
 
 
+_AT_EXIT = r'''
+import atexit, sys
+import torch.distributed as dist
+from yoda_plugin.runner.dist import init_dist_any_device
+# Registered before the runner's handler, so it runs after it (atexit is last in, first out).
+atexit.register(lambda: print('open at exit:', dist.is_initialized(), flush=True))
+init_dist_any_device('pytorch')
+assert dist.is_initialized() and dist.get_backend() == 'gloo'
+if sys.argv[1] == 'fail':
+    raise RuntimeError('a rank fails')
+'''
+
+
+@pytest.mark.parametrize('ending, open_at_exit', [('success', False), ('fail', True)])
+def test_process_group_is_closed_at_a_normal_exit_only(tmp_path, ending, open_at_exit):
+    """BasicSR's own train.py never closes the group; left to interpreter shutdown, gloo can abort a run that
+    succeeded (SIGABRT, "terminate called without an active exception"). After an uncaught exception it stays
+    open: closing could wait on ranks still inside a collective."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    env = dict(run_env(), RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    proc = subprocess.run([PYTHON, '-c', _AT_EXIT, ending], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert f'open at exit: {open_at_exit}' in proc.stdout, proc.stdout + proc.stderr
+    assert (proc.returncode == 0) == (ending == 'success'), proc.stderr
+    if ending == 'fail':
+        assert 'RuntimeError: a rank fails' in proc.stderr
+
+
 def test_our_runner_patches_are_installed_once(monkeypatch):
     import collections
 
